@@ -1,0 +1,215 @@
+"""The ``losa`` command. It validates arguments and data before any compute, then calls into the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = PROJECT_ROOT / "testbed" / "model"
+DEFAULT_RECIPE = PROJECT_ROOT / "testbed" / "recipe.json"
+STATE_DIR = Path(os.environ.get("LOSA_HOME", PROJECT_ROOT / ".state"))
+
+
+def _state_env() -> None:
+    """Keep every cache this process may write under the project state folder (nothing in HOME or TMPDIR)."""
+    os.environ.setdefault("HF_HOME", str(STATE_DIR / "hf"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(STATE_DIR / "torchinductor"))
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _testbed_build(args) -> int:
+    from losa import data, testbed
+
+    recipe = testbed.load_recipe(args.recipe)
+    data.require(*recipe.corpus, data.WIKITEXT2_TEST)
+    if args.steps is not None:
+        recipe = recipe.model_copy(update={"steps": args.steps})
+    work = Path(args.work_dir) if args.work_dir else STATE_DIR / "testbed-build"
+    testbed.build(recipe, Path(args.out), work)
+    return 0
+
+
+def _prune(args) -> int:
+    from losa import Pattern, data
+    from losa.pruners import METHODS
+
+    # validate everything before loading anything heavy
+    try:
+        pattern = Pattern.parse(args.pattern)
+        rates = [float(x) for x in args.sparsity.split(",")] if args.sparsity else [None if pattern.is_nm else 0.5]
+        if args.method not in METHODS:
+            raise ValueError(f"unknown method {args.method!r}; choose one of {sorted(METHODS)}")
+        for r in rates:
+            pattern.resolve_sparsity(r)
+        if args.nsamples < 1 or args.seqlen < 2 or args.eval_seqlen < 2:
+            raise ValueError("--nsamples must be >= 1 and --seqlen/--eval-seqlen >= 2")
+        data.require(data.C4_CALIBRATION, data.WIKITEXT2_TEST)
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(args.model)
+        if len(rates) > 1 and len(rates) != config.num_hidden_layers:
+            raise ValueError(f"--sparsity has {len(rates)} rates for {config.num_hidden_layers} blocks")
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"losa prune: {err}") from None
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from losa import load_model, prune_model
+    from losa.evaluate import perplexity
+
+    console = Console()
+    model, tokenizer = load_model(args.model, device=args.device)
+    text = data.wikitext2_test_text()
+    calib = data.calibration_windows(tokenizer, args.nsamples, args.seqlen, seed=args.seed)
+
+    def ppl() -> float:
+        return perplexity(model, tokenizer, text, args.eval_seqlen, args.batch_size, args.eval_windows, progress=True)
+
+    dense = ppl()
+    report = prune_model(model, calib, args.method, rates[0] if len(rates) == 1 else rates, pattern,
+                         batch_size=args.calib_batch_size, propagation=args.propagation, progress=True)
+    pruned = ppl()
+    windows = "all windows" if args.eval_windows is None else f"first {args.eval_windows} windows"
+    table = Table(title=f"{args.model}: {args.method} {pattern}")
+    for col in ("model", "sparsity (achieved)", f"WikiText-2 ppl (seqlen {args.eval_seqlen}, {windows})"):
+        table.add_column(col, justify="right")
+    table.add_row("dense", "0.0000", f"{dense:.3f}")
+    table.add_row(f"{args.method} {pattern}", f"{report.sparsity:.4f}", f"{pruned:.3f}")
+    console.print(table)
+    t = report.timings
+    console.print(f"prune {t['total']:.1f} s (statistics {t['statistics']:.1f}, prune {t['prune']:.1f}, "
+                  f"propagate {t['propagate']:.1f}); Cholesky retries: {report.cholesky_retries}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"dense_ppl": dense, "ppl": pruned, **report.to_dict()}, indent=2))
+    return 0
+
+
+def _table(args) -> int:
+    from losa import Pattern, data
+    from losa.pruners import METHODS
+
+    try:
+        methods = args.methods.split(",")
+        for m in methods:
+            if m not in METHODS:
+                raise ValueError(f"unknown method {m!r}; choose from {sorted(METHODS)}")
+        settings = []  # (sparsity or None, pattern)
+        for item in args.settings.split(","):
+            pattern = Pattern.parse(item) if ":" in item else Pattern()
+            rate = None if pattern.is_nm else float(item)
+            pattern.resolve_sparsity(rate)
+            settings.append((rate, pattern))
+        data.require(data.C4_CALIBRATION, data.WIKITEXT2_TEST)
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"losa table: {err}") from None
+
+    import pandas as pd
+    from rich.console import Console
+    from rich.table import Table
+
+    from losa import load_model, prune_model
+    from losa.evaluate import perplexity
+
+    console = Console()
+    model, tokenizer = load_model(args.model, device=args.device)
+    text = data.wikitext2_test_text()
+    calib = data.calibration_windows(tokenizer, args.nsamples, args.seqlen, seed=args.seed)
+    dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def ppl() -> float:
+        return perplexity(model, tokenizer, text, args.eval_seqlen, args.batch_size, args.eval_windows)
+
+    rows = [{"method": "dense", "setting": "-", "sparsity": 0.0, "ppl": ppl(), "prune_s": 0.0}]
+    console.print(f"dense: ppl {rows[0]['ppl']:.2f}")
+    for method in methods:
+        for rate, pattern in settings:
+            model.load_state_dict(dense_state)
+            report = prune_model(model, calib, method, rate, pattern, batch_size=args.calib_batch_size)
+            setting = str(pattern) if pattern.is_nm else f"{rate:.0%}"
+            rows.append({"method": method, "setting": setting, "sparsity": report.sparsity, "ppl": ppl(),
+                         "prune_s": report.timings["total"]})
+            console.print(f"{method} {setting}: sparsity {report.sparsity:.4f}, ppl {rows[-1]['ppl']:.2f} "
+                          f"(pruned in {report.timings['total']:.1f} s)")
+    df = pd.DataFrame(rows)
+    df["vs_dense"] = df["ppl"] / rows[0]["ppl"]
+    windows = "all windows" if args.eval_windows is None else f"first {args.eval_windows} windows"
+    table = Table(title=f"WikiText-2 perplexity, {args.model} (eval seqlen {args.eval_seqlen}, {windows}; "
+                        f"calibration {args.nsamples} x {args.seqlen} C4)")
+    for col in ("method", "setting", "sparsity", "ppl", "x dense", "prune s"):
+        table.add_column(col, justify="right")
+    for r in df.itertuples():
+        table.add_row(r.method, r.setting, f"{r.sparsity:.4f}", f"{r.ppl:.2f}", f"{r.vs_dense:.2f}", f"{r.prune_s:.1f}")
+    console.print(table)
+    if args.csv:
+        df.to_csv(args.csv, index=False)
+        console.print(f"written {args.csv}")
+    return 0
+
+
+def _common_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="local path (or hub id when online)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=256, help="calibration window length (tokens)")
+    p.add_argument("--eval-seqlen", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8, help="evaluation batch size")
+    p.add_argument("--eval-windows", type=int, default=None, help="score only the first N windows (quick checks)")
+    p.add_argument("--calib-batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="losa", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    tb = sub.add_parser("testbed", help="the CPU testbed model").add_subparsers(dest="action", required=True)
+    b = tb.add_parser("build", help="train the testbed from its recipe (resumable)")
+    b.add_argument("--recipe", default=str(DEFAULT_RECIPE))
+    b.add_argument("--out", default=str(DEFAULT_MODEL))
+    b.add_argument("--work-dir", default=None, help="scratch + checkpoints (default: $LOSA_HOME/testbed-build)")
+    b.add_argument("--steps", type=int, default=None, help="override the recipe's step count (for trials)")
+    b.set_defaults(func=_testbed_build)
+
+    pr = sub.add_parser("prune", help="prune a model and print perplexity before and after")
+    _common_model_args(pr)
+    pr.add_argument("--method", default="wanda")
+    pr.add_argument("--sparsity", default=None, help="one rate, or one per block separated by commas "
+                    "(default 0.5; implied by an N:M pattern)")
+    pr.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M with N kept, e.g. 2:4")
+    pr.add_argument("--propagation", choices=("pruned", "dense"), default="pruned")
+    pr.add_argument("--json", default=None, help="also write the report here")
+    pr.set_defaults(func=_prune)
+
+    tab = sub.add_parser("table", help="perplexity of several pruners and sparsities on one model, as a table")
+    _common_model_args(tab)
+    tab.add_argument("--methods", default="magnitude,wanda,sparsegpt")
+    tab.add_argument("--settings", default="0.5,0.6,0.7,2:4", help="sparsities and/or N:M patterns, comma-separated")
+    tab.add_argument("--csv", default=None, help="also write the table as CSV")
+    tab.set_defaults(func=_table)
+    return p
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    _state_env()
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
