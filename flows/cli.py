@@ -153,6 +153,64 @@ def _table(args) -> int:
     return 0
 
 
+def _run(args) -> int:
+    from pydantic import ValidationError
+
+    from losa import data
+    from losa.config import LosaConfig
+
+    overrides = {k: v for k, v in {
+        "method": args.method, "pruner": args.pruner, "sparsity": args.sparsity, "pattern": args.pattern,
+        "ablate": tuple(args.ablate or ()), "steps": args.steps, "nsamples": args.nsamples, "seqlen": args.seqlen,
+        "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows, "seed": args.seed,
+        "train_steps": args.train_steps, "final_train_steps": args.final_train_steps, "physical_rank": args.physical_rank,
+    }.items() if v is not None}
+    try:
+        if overrides.get("pattern", "").count(":") and "sparsity" not in overrides:
+            from losa import Pattern
+
+            overrides["sparsity"] = Pattern.parse(overrides["pattern"].removeprefix("mixed-")).sparsity
+        cfg = LosaConfig(**overrides)
+        data.require(data.C4_CALIBRATION, data.WIKITEXT2_TEST,
+                     *([data.ALPACA] if cfg.train_data == "alpaca" else [data.C4_CALIBRATION]))
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(args.model)
+    except (ValidationError, ValueError, OSError) as err:
+        raise SystemExit(f"losa run: {err}") from None
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from losa import load_model, run_losa
+
+    console = Console()
+    model, tokenizer = load_model(args.model, device=args.device)
+    report = run_losa(model, tokenizer, cfg)
+    if report.steps:
+        table = Table(title=f"{cfg.method} {cfg.pruner} {cfg.pattern} -> {cfg.sparsity:g}" +
+                      (f" (without {', '.join(cfg.ablate)})" if cfg.ablate else ""))
+        for col in ("t", "theta", "rates (min-max)", "ranks", "L_l (mean)", "loss first -> last", "s"):
+            table.add_column(col, justify="right")
+        for st in report.steps:
+            rates = [r for r in st.rates if r is not None]
+            table.add_row(str(st.t), f"{st.theta:.3f}",
+                          f"{min(rates):.3f}-{max(rates):.3f}" if rates else ",".join(st.patterns),
+                          ",".join(map(str, st.applied_ranks)), f"{sum(st.errors) / len(st.errors):.4f}",
+                          f"{st.train_losses[0]:.3f} -> {st.train_losses[-1]:.3f}",
+                          f"{sum(st.timings.values()):.0f}")
+        console.print(table)
+    line = f"WikiText-2 ppl {report.ppl:.3f} (seqlen {cfg.eval_seqlen}); sparsity {report.sparsity:.4f}"
+    if report.ppl_unmerged is not None:
+        line += f"; unmerged ppl {report.ppl_unmerged:.3f} at sparsity {report.sparsity_before_merge:.4f}"
+    if report.ppl_pruned is not None:
+        line += f"; pruned before fine-tuning {report.ppl_pruned:.3f}"
+    console.print(line + f"; trainable params {report.trainable_params:,}; {report.timings['total']:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+    return 0
+
+
 def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="local path (or hub id when online)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
@@ -187,10 +245,24 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", default=None, help="also write the report here")
     pr.set_defaults(func=_prune)
 
+    run = sub.add_parser("run", help="one LoSA cell: dense, pruned, +LoRA or LoSA (with ablations)")
+    _common_model_args(run)
+    run.add_argument("--method", choices=("dense", "pruned", "lora", "losa"), default=None)
+    run.add_argument("--pruner", choices=("magnitude", "wanda", "sparsegpt"), default=None)
+    run.add_argument("--sparsity", type=float, default=None)
+    run.add_argument("--pattern", default=None, help="unstructured, N:M, or mixed-N:M")
+    run.add_argument("--ablate", action="append", choices=("lsr", "sra", "dsa"))
+    run.add_argument("--steps", type=int, default=None, help="T")
+    run.add_argument("--train-steps", type=int, default=None, help="optimiser steps per DSA step 1..T-1")
+    run.add_argument("--final-train-steps", type=int, default=None, help="optimiser steps at step T / for LoRA")
+    run.add_argument("--physical-rank", type=int, default=None, help="LoRA matrix rank (8 = official cut)")
+    run.add_argument("--json", default=None, help="also write the report here")
+    run.set_defaults(func=_run, nsamples=None, seqlen=None, eval_seqlen=None, seed=None)
+
     tab = sub.add_parser("table", help="perplexity of several pruners and sparsities on one model, as a table")
     _common_model_args(tab)
     tab.add_argument("--methods", default="magnitude,wanda,sparsegpt")
-    tab.add_argument("--settings", default="0.5,0.6,0.7,2:4", help="sparsities and/or N:M patterns, comma-separated")
+    tab.add_argument("--settings", default="0.5,0.7,2:4", help="sparsities and/or N:M patterns, comma-separated")
     tab.add_argument("--csv", default=None, help="also write the table as CSV")
     tab.set_defaults(func=_table)
     return p

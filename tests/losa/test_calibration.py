@@ -9,7 +9,7 @@ import torch
 from losa import Pattern, prune_model
 from losa.models import get_adapter
 from losa.pruners import sparsegpt_prune, wanda_mask
-from tiny_models import BUILDERS, LAYERS, calibration_ids
+from tiny_models import BUILDERS, LAYERS, calibration_ids, tiny_llama_gqa
 
 METHODS = ["magnitude", "wanda", "sparsegpt"]
 ALL_FAMILIES = sorted(BUILDERS)
@@ -336,3 +336,50 @@ def test_report_to_dict_is_json(calib8):
     assert back["timings"]["total"] >= back["timings"]["prune"] > 0
     assert len(back["layers"]) == len(report.layers)
     assert back["layers"][0]["shape"] == list(report.layers[0].shape)
+
+
+# ---- what LoSA needs from the engine: a fixed dense reference and per-block Gram matrices
+
+
+def test_dense_block_outputs_are_the_models_hidden_states():
+    from losa.calibration import dense_block_outputs
+
+    model = tiny_llama_gqa()
+    ids = calibration_ids(6, 16)
+    outs = dense_block_outputs(model, ids, batch_size=4)
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert len(outs) == 2 and [o.shape[0] for o in outs[0]] == [4, 2]
+    assert torch.allclose(torch.cat(outs[0]), hidden[1], atol=1e-5)
+
+
+def test_reference_replaces_the_models_own_unpruned_outputs():
+    from losa.calibration import dense_block_outputs
+
+    ids = calibration_ids(8, 16)
+    original = tiny_llama_gqa()
+    reference = dense_block_outputs(original, ids, batch_size=4)
+    # a model that differs from the reference (as LoSA's merged model at step t > 1 does)
+    a, b = tiny_llama_gqa(), tiny_llama_gqa()
+    for m in (a, b):
+        with torch.no_grad():
+            m.model.layers[0].mlp.up_proj.weight.mul_(1.5)
+    own = prune_model(a, ids, "wanda", 0.5, batch_size=4)
+    ref = prune_model(b, ids, "wanda", 0.5, batch_size=4, reference=reference)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))  # same pruning
+    assert ref.block_errors[0] > own.block_errors[0]  # measured against the original, the change itself counts
+    with pytest.raises(ValueError, match="reference"):
+        prune_model(tiny_llama_gqa(), ids, "wanda", 0.5, batch_size=3, reference=reference)
+
+
+def test_block_input_grams_match_the_hidden_states():
+    from losa.calibration import block_input_grams
+
+    model = tiny_llama_gqa()
+    ids = calibration_ids(6, 16)
+    grams = block_input_grams(model, ids, batch_size=4)
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    for layer, g in enumerate(grams):
+        x = hidden[layer].reshape(6, -1).double()
+        assert torch.allclose(g, x @ x.T, rtol=1e-6, atol=1e-6)

@@ -1,0 +1,118 @@
+"""run_losa end to end on tiny random models: every method and ablation, merge verification, determinism."""
+
+import pytest
+import torch
+
+from losa.config import LosaConfig
+from losa.dsa import MergeVerificationError, run_losa
+from losa.finetune import FinetuneConfig
+from tiny_models import tiny_llama_gqa, tiny_opt
+
+TEXT = ("The quick brown fox jumps over the lazy dog while the committee debated the new budget. " * 40)
+
+
+class ByteTokenizer:
+    eos_token_id, pad_token_id = 1, 0
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=True):
+        ids = [b % 128 for b in text.encode("utf-8")]
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+
+CALIB = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+def cfg(**kw) -> LosaConfig:
+    base = dict(steps=3, nsamples=8, seqlen=32, calib_batch_size=4, rmi_samples=8, train_steps=2, final_train_steps=3,
+                finetune=FinetuneConfig(batch_size=2, seqlen=32), eval_seqlen=32, eval_windows=4, r_max=16)
+    return LosaConfig(**{**base, **kw})
+
+
+def run(model, **kw):
+    return run_losa(model, ByteTokenizer(), cfg(**kw), calibration=CALIB, eval_text=TEXT, progress=False)
+
+
+def nm_groups_ok(model, n, m):
+    for block in model.model.layers:
+        for lin in (block.self_attn.q_proj, block.mlp.down_proj):
+            assert ((lin.weight != 0).reshape(-1, m).sum(-1) == n).all()
+
+
+@pytest.mark.parametrize("pruner", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("pattern, sparsity", [("unstructured", 0.7), ("2:4", 0.5), ("mixed-2:8", 0.75)])
+def test_losa_passes_merge_verification(pruner, pattern, sparsity):
+    model = tiny_llama_gqa()
+    rep = run(model, pruner=pruner, pattern=pattern, sparsity=sparsity)
+    assert len(rep.steps) == 3 and rep.ppl > 1
+    assert [round(s.theta, 6) for s in rep.steps][-1] == sparsity
+    assert rep.sparsity == pytest.approx(sparsity, abs=0.02)
+    if pattern == "2:4":
+        nm_groups_ok(model, 2, 4)  # merge_and_unload replaced the modules in place: `model` is the merged model
+    for step in rep.steps:
+        assert sum(step.ranks) == step.omega * 2  # SRA meets its mean (2 blocks)
+        assert len(step.train_losses) == (3 if step.t == 3 else 2)
+
+
+def test_steps_follow_the_cubic_schedule_and_rates_are_nested():
+    rep = run(tiny_llama_gqa(), sparsity=0.7, steps=3)
+    thetas = [s.theta for s in rep.steps]
+    assert thetas == sorted(thetas) and thetas[-1] == pytest.approx(0.7)
+    for prev, nxt in zip(rep.steps, rep.steps[1:]):  # LSR at t+1 never asks a block for less than it has
+        assert all(b >= a - 1e-9 for a, b in zip(prev.rates, nxt.rates))
+    assert rep.steps[0].cka is not None and len(rep.steps[0].cka) == 2
+
+
+def test_ablations():
+    no_lsr = run(tiny_llama_gqa(), ablate=("lsr",))
+    assert no_lsr.steps[-1].cka is None and len(set(no_lsr.steps[-1].rates)) == 1
+    no_sra = run(tiny_llama_gqa(), ablate=("sra",))
+    assert all(len(set(s.ranks)) == 1 and s.ranks[0] == s.omega for s in no_sra.steps)
+    no_dsa = run(tiny_llama_gqa(), ablate=("dsa",))
+    assert len(no_dsa.steps) == 1 and no_dsa.steps[0].theta == pytest.approx(0.7)
+
+
+def test_baselines():
+    dense = run(tiny_llama_gqa(), method="dense")
+    pruned = run(tiny_llama_gqa(), method="pruned")
+    lora = run(tiny_llama_gqa(), method="lora")
+    assert dense.sparsity == 0 and pruned.sparsity == pytest.approx(0.69, abs=0.02)
+    assert lora.ppl_pruned == pytest.approx(pruned.ppl)  # same one-shot pruning underneath
+    assert lora.sparsity_before_merge == pytest.approx(pruned.sparsity)
+    assert lora.sparsity < 0.01  # the unmasked LoRA update fills the pruned weights when merged
+    assert lora.ppl_unmerged == pytest.approx(lora.ppl, rel=1e-3)  # merging does not change the function
+    assert lora.trainable_params > 0
+
+
+def test_physical_rank_cut_is_recorded_or_refused():
+    rep = run(tiny_llama_gqa(), physical_rank=4, omega1=6)
+    assert all(a <= 4 for s in rep.steps for a in s.applied_ranks)
+    assert any(r > 4 for s in rep.steps for r in s.ranks)
+    with pytest.raises(ValueError, match="physical rank"):
+        run(tiny_llama_gqa(), physical_rank=4, omega1=6, clip_to_physical=False)
+
+
+def test_deterministic_under_a_seed():
+    a, b = tiny_llama_gqa(), tiny_llama_gqa()
+    ra, rb = run(a, pruner="sparsegpt"), run(b, pruner="sparsegpt")
+    assert ra.ppl == rb.ppl and ra.steps[-1].train_losses == rb.steps[-1].train_losses
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_opt_family_runs():
+    rep = run(tiny_opt(), steps=2)
+    assert rep.sparsity == pytest.approx(0.7, abs=0.03)
+
+
+def test_verification_fails_loudly(monkeypatch):
+    from peft.tuners.lora import LoraModel
+
+    real = LoraModel.merge_and_unload
+
+    def leaky(self, *args, **kwargs):  # a merge that writes outside the mask
+        merged = real(self, *args, **kwargs)
+        merged.model.layers[0].mlp.down_proj.weight.data.fill_(0.5)
+        return merged
+
+    monkeypatch.setattr(LoraModel, "merge_and_unload", leaky)
+    with pytest.raises(MergeVerificationError, match="leave the mask"):
+        run(tiny_llama_gqa(), steps=1)
