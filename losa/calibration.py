@@ -127,9 +127,11 @@ class _ReconstructionError:
         self.diff = self.ref = None
 
     def add(self, dense: torch.Tensor, sparse: torch.Tensor) -> None:
-        dense, sparse = dense.double(), sparse.double()
-        diff = ((dense - sparse) ** 2).sum(dim=(0, 1))  # (d,)
-        ref = (dense**2).sum(dim=(0, 1))
+        # per-batch sums in fp32 (a few thousand tokens), accumulated across batches in fp64
+        dense = dense.float()
+        delta = dense - sparse.float()
+        diff = torch.einsum("bsc,bsc->c", delta, delta).double()  # (d,)
+        ref = torch.einsum("bsc,bsc->c", dense, dense).double()
         self.diff = diff if self.diff is None else self.diff + diff
         self.ref = ref if self.ref is None else self.ref + ref
 
@@ -166,9 +168,15 @@ def capture_inputs(model: nn.Module, calibration: torch.Tensor, batch_size: int,
 
 
 def forward_block(block: nn.Module, inputs: list[torch.Tensor], kwargs_by_size: dict[int, dict],
-                  device: torch.device, offload: torch.device) -> list[torch.Tensor]:
-    """Run one block on every batch of ``inputs``; outputs are kept on ``offload``."""
-    return [run_block(block, x.to(device), to_device(kwargs_by_size[x.shape[0]], device)).to(offload) for x in inputs]
+                  device: torch.device, offload: torch.device, keep: bool = True) -> list[torch.Tensor] | None:
+    """Run one block on every batch of ``inputs``; outputs are kept on ``offload`` (or dropped: ``keep=False``,
+    for a pass that only feeds statistics hooks)."""
+    outs = []
+    for x in inputs:
+        y = run_block(block, x.to(device), to_device(kwargs_by_size[x.shape[0]], device))
+        if keep:
+            outs.append(y.to(offload))
+    return outs if keep else None
 
 
 def _devices(model: nn.Module, device, offload) -> tuple[torch.device, torch.device]:
@@ -231,6 +239,7 @@ def prune_model(
     batch_size: int = 8,
     propagation: str = "pruned",
     reference: list[list[torch.Tensor]] | None = None,
+    reconstruction_error: bool = True,
     device: str | torch.device | None = None,
     offload: str | torch.device | None = None,
     progress: bool = False,
@@ -250,6 +259,8 @@ def prune_model(
         reference: Y^dense from :func:`dense_block_outputs` (same calibration and batch size) to measure the
             reconstruction errors against, e.g. the original dense model's outputs in LoSA's later steps; default:
             this model's own unpruned block outputs, computed on the way.
+        reconstruction_error: measure L_l per block. Without a ``reference`` this costs one extra block pass (the
+            unpruned stream); ``False`` skips it, as the papers' pruning scripts do (``block_errors`` is then empty).
         device: compute device (default: where the model's first block is).
         offload: where activations are kept between blocks (default: ``device``).
         progress: show a progress bar over blocks.
@@ -289,8 +300,8 @@ def prune_model(
         timings["capture"] = time.perf_counter() - t_start
         sparse_in = dense_in  # identical until the first block is pruned
 
-        def forward(block: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-            return forward_block(block, inputs, kwargs_by_size, device, offload)
+        def forward(block: nn.Module, inputs: list[torch.Tensor], keep: bool = True) -> list[torch.Tensor] | None:
+            return forward_block(block, inputs, kwargs_by_size, device, offload, keep)
 
         for b in tqdm(range(n_blocks), desc=f"{method} {patterns[0]}", disable=not progress):
             block = blocks[b]
@@ -299,7 +310,7 @@ def prune_model(
             linears = adapter.get_linears(block)
             same_stream = sparse_in is dense_in
             # the unpruned stream is needed for dense propagation, or as the reference when none is given
-            need_dense_stream = propagation == "dense" or reference is None
+            need_dense_stream = propagation == "dense" or (reference is None and reconstruction_error)
 
             # 1. statistics (hooks on the stream the block will see), and the block's unpruned outputs
             t = time.perf_counter()
@@ -307,8 +318,10 @@ def prune_model(
                 if rule.statistic else {}
             hooks = [lin.register_forward_hook(lambda m, inp, out, s=stats[n]: s.add(inp[0]))
                      for n, lin in linears.items() if n in stats]
+            # the statistics pass's outputs serve as the unpruned outputs only when it ran on the dense stream
+            keep = need_dense_stream and (propagation == "dense" or same_stream)
             try:
-                stream_out = forward(block, dense_in if propagation == "dense" else sparse_in)
+                stream_out = forward(block, dense_in if propagation == "dense" else sparse_in, keep)
             finally:
                 for h in hooks:
                     h.remove()
@@ -344,10 +357,11 @@ def prune_model(
             # 3. pruned outputs: reconstruction error against the reference, and the next block's input
             t = time.perf_counter()
             pruned_out = forward(block, dense_in if propagation == "dense" else sparse_in)
-            err = _ReconstructionError()
-            for ref, out in zip(reference[b] if reference is not None else dense_out, pruned_out):
-                err.add(ref.to(device), out.to(device))
-            report.block_errors.append(err.value())
+            if reconstruction_error:
+                err = _ReconstructionError()
+                for ref, out in zip(reference[b] if reference is not None else dense_out, pruned_out):
+                    err.add(ref.to(device), out.to(device))
+                report.block_errors.append(err.value())
             _sync(device)
             timings["propagate"] += time.perf_counter() - t
 

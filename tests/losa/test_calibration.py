@@ -383,3 +383,12 @@ def test_block_input_grams_match_the_hidden_states():
     for layer, g in enumerate(grams):
         x = hidden[layer].reshape(6, -1).double()
         assert torch.allclose(g, x @ x.T, rtol=1e-6, atol=1e-6)
+
+
+def test_skipping_reconstruction_errors_prunes_identically():
+    ids = calibration_ids(8, 16)
+    a, b = tiny_llama_gqa(), tiny_llama_gqa()
+    with_err = prune_model(a, ids, "sparsegpt", 0.6, batch_size=4)
+    without = prune_model(b, ids, "sparsegpt", 0.6, batch_size=4, reconstruction_error=False)
+    assert len(with_err.block_errors) == 2 and without.block_errors == []
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
