@@ -65,7 +65,7 @@ def logits(model):
 def test_every_prunable_linear_gets_the_masked_variant_and_lm_head_is_untouched():
     pm, masks = masked_pm()
     base = pm.get_base_model()
-    layers = list(get_adapter(base).iter_linears(base))
+    layers = list(get_adapter(base).iter_linears(base, unwrap=False))
     assert len(layers) == 2 * 7
     for i, name, layer in layers:
         assert type(layer) is MaskedLoraLinear, f"peft did not use the registered layer for {i} {name}"
@@ -239,7 +239,7 @@ def test_save_and_load_round_trip(tmp_path):
     assert saved["masked"] is True and saved["active_ranks"] == {"0": 3, "1": 7}
     loaded = load_masked_adapter(pruned_model(), tmp_path).eval()
     assert all(type(layer) is MaskedLoraLinear for _, _, layer in get_adapter(pruned_model()).iter_linears(
-        loaded.get_base_model()))
+        loaded.get_base_model(), unwrap=False))
     assert [layer.active_rank["default"] for _, _, layer in masked_layers(loaded)] == [3] * 7 + [7] * 7
     assert torch.allclose(logits(loaded), y, atol=1e-6)
     vanilla = PeftModel.from_pretrained(pruned_model(), tmp_path).eval()  # without re-registration: plain LoRA
