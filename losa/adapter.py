@@ -32,7 +32,6 @@ from peft.tuners.lora.layer import Linear, LoraVariant
 from peft.utils import CONFIG_NAME
 from peft.utils.other import transpose
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from losa.models import get_adapter
 
@@ -105,18 +104,50 @@ class MaskedLoraVariant(LoraVariant):
         """result (base output, the base weight already being 0 off the mask) + dropout(x) @ masked_delta^T.
 
         The (d_out, d_in) masked product is inherent to the method; under autograd it is recomputed in backward
-        (checkpoint, as the official code does) instead of being kept alive per layer.
+        (:class:`_MaskedLoraProduct`) instead of being kept alive per layer.
         """
         if module.active_rank[active_adapter] == 0:
             return result
         x = module.lora_dropout[active_adapter](x)
 
-        def lora_out(inp: torch.Tensor) -> torch.Tensor:
-            return F.linear(inp, transpose(masked_delta(module, active_adapter), module.fan_in_fan_out))
+        weight_a = module.lora_A[active_adapter].weight
+        if torch.is_grad_enabled() and weight_a.requires_grad and not module.fan_in_fan_out:
+            r = module.active_rank[active_adapter]
+            return result + _MaskedLoraProduct.apply(x, weight_a[:r, :], module.lora_B[active_adapter].weight[:, :r],
+                                                      module.sparsity_mask[active_adapter],
+                                                      module.scaling[active_adapter]).to(result.dtype)
+        delta = transpose(masked_delta(module, active_adapter), module.fan_in_fan_out)
+        return result + F.linear(x.to(delta.dtype), delta).to(result.dtype)
 
-        if torch.is_grad_enabled() and module.lora_A[active_adapter].weight.requires_grad:
-            return result + checkpoint(lora_out, x, use_reentrant=False)
-        return result + lora_out(x)
+
+class _MaskedLoraProduct(torch.autograd.Function):
+    """y = x (s · M ⊙ (B A))^T without keeping the (d_out, d_in) product alive between forward and backward.
+
+    The product is recomputed in backward (d_out·d_in·r multiply-adds, small next to the token matmuls), which costs
+    one token matmul less than checkpointing the whole LoRA branch would. Gradients: dB = s (M ⊙ G) A^T and
+    dA = s B^T (M ⊙ G) with G = g^T x, so nothing flows outside the mask.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight_a, weight_b, mask, scaling):
+        delta = torch.where(mask, (weight_b * scaling) @ weight_a, 0.0)  # (d_out, d_in)
+        ctx.save_for_backward(x, weight_a, weight_b, mask)
+        ctx.scaling = scaling
+        return F.linear(x.to(delta.dtype), delta)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight_a, weight_b, mask = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(weight_a.dtype)  # (tokens, d_out)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            delta = torch.where(mask, (weight_b * s) @ weight_a, 0.0)
+            grad_x = (g @ delta).reshape(x.shape).to(x.dtype)
+        grad_delta = torch.where(mask, g.T @ x.reshape(-1, x.shape[-1]).to(g.dtype), 0.0)  # (d_out, d_in)
+        grad_b = (grad_delta @ weight_a.T) * s if ctx.needs_input_grad[2] else None
+        grad_a = (weight_b.T @ grad_delta) * s if ctx.needs_input_grad[1] else None
+        return grad_x, grad_a, grad_b, None, None
 
 
 class MaskedLoraLinear(Linear):

@@ -262,3 +262,17 @@ def test_masked_delta_in_half_precision_on_cpu_keeps_dtype_and_exact_zeros():
         out = layer(x)
         ref = F.linear(x, layer.get_base_layer().weight) + F.linear(x, delta)
     assert torch.allclose(out.float(), ref.float(), atol=5e-2)
+
+
+def test_masked_product_gradients_match_autograd():
+    from losa.adapter import _MaskedLoraProduct
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(4, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(7, 12, generator=g) > 0.5
+    assert torch.autograd.gradcheck(lambda x, a, b: _MaskedLoraProduct.apply(x, a, b, mask, 2.0), (x, a, b))
+    y = _MaskedLoraProduct.apply(x, a, b, mask, 2.0)
+    ref = x @ (2.0 * torch.where(mask, b @ a, 0.0)).T
+    assert torch.allclose(y, ref)
