@@ -35,6 +35,15 @@ def _testbed_build(args) -> int:
     return 0
 
 
+def _load(args):
+    """Model, tokenizer, WikiText-2 test text and calibration windows, as the arguments ask."""
+    from losa import data, load_model
+
+    model, tokenizer = load_model(args.model, device=args.device)
+    calib = data.calibration_windows(tokenizer, args.nsamples, args.seqlen, seed=args.seed)
+    return model, tokenizer, data.wikitext2_test_text(), calib
+
+
 def _prune(args) -> int:
     from losa import Pattern, data
     from losa.pruners import METHODS
@@ -61,13 +70,11 @@ def _prune(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from losa import load_model, prune_model
+    from losa import prune_model
     from losa.evaluate import perplexity
 
     console = Console()
-    model, tokenizer = load_model(args.model, device=args.device)
-    text = data.wikitext2_test_text()
-    calib = data.calibration_windows(tokenizer, args.nsamples, args.seqlen, seed=args.seed)
+    model, tokenizer, text, calib = _load(args)
 
     def ppl() -> float:
         return perplexity(model, tokenizer, text, args.eval_seqlen, args.batch_size, args.eval_windows, progress=True)
@@ -114,13 +121,11 @@ def _table(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from losa import load_model, prune_model
+    from losa import prune_model
     from losa.evaluate import perplexity
 
     console = Console()
-    model, tokenizer = load_model(args.model, device=args.device)
-    text = data.wikitext2_test_text()
-    calib = data.calibration_windows(tokenizer, args.nsamples, args.seqlen, seed=args.seed)
+    model, tokenizer, text, calib = _load(args)
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def ppl() -> float:

@@ -185,6 +185,20 @@ def _devices(model: nn.Module, device, offload) -> tuple[torch.device, torch.dev
     return device, (torch.device(offload) if offload is not None else device)
 
 
+def _walk_dense(model: nn.Module, input_ids: torch.Tensor, batch_size: int, device, offload):
+    """Yield (inputs, outputs) of every block of the unchanged model in turn, one block on the device at a time."""
+    device, offload = _devices(model, device, offload)
+    with _inference(model):
+        hidden, kwargs_by_size = capture_inputs(model, input_ids, batch_size, device, offload)
+        for block in get_adapter(model).get_blocks(model):
+            home = next(block.parameters()).device
+            block.to(device)
+            out = forward_block(block, hidden, kwargs_by_size, device, offload)
+            block.to(home)
+            yield hidden, out
+            hidden = out
+
+
 @torch.no_grad()
 def dense_block_outputs(model: nn.Module, calibration: torch.Tensor, batch_size: int = 8, device=None,
                         offload=None) -> list[list[torch.Tensor]]:
@@ -192,18 +206,7 @@ def dense_block_outputs(model: nn.Module, calibration: torch.Tensor, batch_size:
 
     Computed once on the original dense model; LoSA's rank allocation measures every later pruning against it.
     """
-    device, offload = _devices(model, device, offload)
-    blocks = get_adapter(model).get_blocks(model)
-    outputs = []
-    with _inference(model):
-        hidden, kwargs_by_size = capture_inputs(model, calibration, batch_size, device, offload)
-        for block in blocks:
-            home = next(block.parameters()).device
-            block.to(device)
-            hidden = forward_block(block, hidden, kwargs_by_size, device, offload)
-            block.to(home)
-            outputs.append(hidden)
-    return outputs
+    return [out for _, out in _walk_dense(model, calibration, batch_size, device, offload)]
 
 
 @torch.no_grad()
@@ -214,18 +217,7 @@ def block_input_grams(model: nn.Module, input_ids: torch.Tensor, batch_size: int
     """
     from .layer_sparsity import gram
 
-    device, _ = _devices(model, device, None)
-    blocks = get_adapter(model).get_blocks(model)
-    grams = []
-    with _inference(model):
-        hidden, kwargs_by_size = capture_inputs(model, input_ids, batch_size, device, device)
-        for block in blocks:
-            grams.append(gram(torch.cat(hidden)))
-            home = next(block.parameters()).device
-            block.to(device)
-            hidden = forward_block(block, hidden, kwargs_by_size, device, device)
-            block.to(home)
-    return grams
+    return [gram(torch.cat(inputs)) for inputs, _ in _walk_dense(model, input_ids, batch_size, device, None)]
 
 
 @torch.no_grad()
