@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models import capture_first_block_inputs, get_adapter, run_block, to_device
+from .models import capture_first_block_inputs, embeddings_on, get_adapter, run_block, to_device
 from .patterns import Pattern
 from .pruners import Rule, get_rule
 
@@ -159,11 +159,12 @@ def capture_inputs(model: nn.Module, calibration: torch.Tensor, batch_size: int,
     The kwargs depend only on the batch shape (calibration windows carry no padding), so one set is kept per size.
     """
     inputs, kwargs_by_size = [], {}
-    for start in range(0, calibration.shape[0], batch_size):
-        batch = calibration[start : start + batch_size]
-        hidden, kwargs = capture_first_block_inputs(model, batch, device)
-        inputs.append(hidden.to(offload))
-        kwargs_by_size.setdefault(batch.shape[0], kwargs)
+    with embeddings_on(model, device):
+        for start in range(0, calibration.shape[0], batch_size):
+            batch = calibration[start : start + batch_size]
+            hidden, kwargs = capture_first_block_inputs(model, batch, device)
+            inputs.append(hidden.to(offload))
+            kwargs_by_size.setdefault(batch.shape[0], kwargs)
     return inputs, kwargs_by_size
 
 

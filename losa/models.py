@@ -8,6 +8,7 @@ pre-hook, so the driver follows whatever the installed transformers version pass
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +96,7 @@ class _Captured(Exception):
 def capture_first_block_inputs(model: nn.Module, input_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, dict]:
     """Run the model up to its first block on one batch; return that block's hidden-state input and keyword arguments.
 
-    Only the embedding modules are moved to ``device`` (a 7B model's blocks stay where they are).
+    The embedding modules must already be on ``device`` (see :func:`embeddings_on`); the blocks may stay elsewhere.
 
     Args:
         input_ids: (B, S) token ids.
@@ -105,8 +106,6 @@ def capture_first_block_inputs(model: nn.Module, input_ids: torch.Tensor, device
     """
     adapter = get_adapter(model)
     first = adapter.get_blocks(model)[0]
-    for mod in adapter.get_embeddings(model):
-        mod.to(device)
     got: dict = {}
 
     def hook(module, args, kwargs):
@@ -124,6 +123,20 @@ def capture_first_block_inputs(model: nn.Module, input_ids: torch.Tensor, device
     if "hidden" not in got:
         raise RuntimeError("the first decoder block was never called: is this a decoder-only causal LM?")
     return got["hidden"], got["kwargs"]
+
+
+@contextmanager
+def embeddings_on(model: nn.Module, device: torch.device):
+    """Move only the modules that run before block 0 to ``device`` (a 7B model's blocks stay where they are)."""
+    mods = get_adapter(model).get_embeddings(model)
+    homes = [next(iter(m.parameters()), next(iter(m.buffers()), torch.empty(0))).device for m in mods]
+    for m in mods:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m, home in zip(mods, homes):
+            m.to(home)
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
