@@ -71,8 +71,8 @@ class LosaReport:
 
 def _sparsity(model) -> tuple[float, dict[str, float]]:
     per, zeros, total = {}, 0, 0
-    for b, name, lin in get_adapter(model).iter_linears(model):
-        w = getattr(lin, "base_layer", lin).weight
+    for b, name, lin in get_adapter(model).iter_linears(model):  # base layers (adapters unwrapped)
+        w = lin.weight
         z = int((w == 0).sum())
         per[f"{b}.{name}"] = z / w.numel()
         zeros, total = zeros + z, total + w.numel()

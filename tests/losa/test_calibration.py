@@ -341,14 +341,18 @@ def test_report_to_dict_is_json(calib8):
 # ---- what LoSA needs from the engine: a fixed dense reference and per-block Gram matrices
 
 
+def _hidden_states(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, output_hidden_states=True).hidden_states
+
+
 def test_dense_block_outputs_are_the_models_hidden_states():
     from losa.calibration import dense_block_outputs
 
     model = tiny_llama_gqa()
     ids = calibration_ids(6, 16)
     outs = dense_block_outputs(model, ids, batch_size=4)
-    with torch.no_grad():
-        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    hidden = _hidden_states(model, ids)
     assert len(outs) == 2 and [o.shape[0] for o in outs[0]] == [4, 2]
     assert torch.allclose(torch.cat(outs[0]), hidden[1], atol=1e-5)
 
@@ -378,8 +382,7 @@ def test_block_input_grams_match_the_hidden_states():
     model = tiny_llama_gqa()
     ids = calibration_ids(6, 16)
     grams = block_input_grams(model, ids, batch_size=4)
-    with torch.no_grad():
-        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    hidden = _hidden_states(model, ids)
     for layer, g in enumerate(grams):
         x = hidden[layer].reshape(6, -1).double()
         assert torch.allclose(g, x @ x.T, rtol=1e-6, atol=1e-6)
