@@ -7,28 +7,21 @@ plain dataclass that the orchestration layer logs.
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from . import data
-from .adapter import make_masked_lora, merge_into_base, unmerge_with_new_mask, verify_merged, weight_masks
-from .calibration import block_input_grams, dense_block_outputs, prune_model
 from .config import LosaConfig
-from .evaluate import perplexity
-from .finetune import alpaca_batches, finetune, lm_text_batches, tokenize_alpaca
-from .layer_sparsity import allocate_layer_sparsity, cka_from_grams, delta_for, layer_importance, mixed_nm
-from .models import get_adapter
+from .layer_sparsity import allocate_layer_sparsity, delta_for, mixed_nm
 from .patterns import Pattern
 from .rank_allocation import allocate_ranks
 from .schedule import cubic_sparsity, mean_rank
+from .stages import LocalStages, MergeVerificationError, Stages, overall_sparsity
 
-
-class MergeVerificationError(RuntimeError):
-    """The merged model left its mask or missed its allocated sparsity."""
+__all__ = ["run_losa", "drive", "LosaReport", "StepRecord", "MergeVerificationError"]
 
 
 @dataclass
@@ -69,51 +62,6 @@ class LosaReport:
         return asdict(self)
 
 
-def _sparsity(model) -> tuple[float, dict[str, float]]:
-    per, zeros, total = {}, 0, 0
-    for b, name, lin in get_adapter(model).iter_linears(model):  # base layers (adapters unwrapped)
-        w = lin.weight
-        z = int((w == 0).sum())
-        per[f"{b}.{name}"] = z / w.numel()
-        zeros, total = zeros + z, total + w.numel()
-    return zeros / total, per
-
-
-def _train_batches(tokenizer, cfg: LosaConfig) -> Callable[[int], tuple[Iterator[Mapping], int]]:
-    """``step_data(t) -> (batches, optimiser steps)`` for DSA step t (and t = T for the one-shot baselines)."""
-    T = cfg.effective_steps
-    bs = cfg.finetune.batch_size
-    if cfg.train_data == "text":
-        stream = torch.tensor(
-            [i for doc in data.finetune_documents() for i in tokenizer(doc, add_special_tokens=False)["input_ids"]
-             + [tokenizer.eos_token_id]], dtype=torch.int32)
-
-        def step_data(t: int):
-            # every method trains for the same total, (steps − 1)·train_steps + final_train_steps: −DSA and the
-            # LoRA baseline (T = 1) get the whole budget in their single step
-            steps = cfg.final_train_steps + (cfg.steps - T) * cfg.train_steps if t == T else cfg.train_steps
-            # later steps continue where earlier ones stopped: every step sees new windows
-            start = (t - 1) * cfg.train_steps * cfg.finetune.grad_accum
-            return lm_text_batches(stream, cfg.finetune.seqlen, bs, cfg.seed, start), steps
-
-        return step_data
-
-    examples = data.alpaca_examples(cfg.alpaca_total)
-    encoded = tokenize_alpaca(tokenizer, examples, cfg.alpaca_max_len)
-
-    def step_data(t: int):
-        # official slicing: alpaca_per_step examples for steps 1..T-1, the rest of alpaca_total at step T
-        lo = (t - 1) * cfg.alpaca_per_step
-        hi = len(encoded) if t == T else min(t * cfg.alpaca_per_step, len(encoded))
-        if lo >= hi:
-            raise ValueError(f"step {t} has no Alpaca examples: {len(encoded)} available, "
-                             f"{cfg.alpaca_per_step} per step over T={T}")
-        steps = math.ceil((hi - lo) / (bs * cfg.finetune.grad_accum))  # one epoch over the slice
-        return alpaca_batches(encoded[lo:hi], bs, tokenizer.pad_token_id or tokenizer.eos_token_id, cfg.seed + t), steps
-
-    return step_data
-
-
 def _step_plan(cfg: LosaConfig, theta: float, importance: torch.Tensor | None, final_n: list[int] | None,
                n_blocks: int, floor: list[float] | None) -> tuple[list, list[Pattern]]:
     """Per-block (rates, patterns) of one pruning step at mean sparsity Θ^t.
@@ -145,12 +93,6 @@ def _final_n(cfg: LosaConfig, importance: torch.Tensor | None, n_blocks: int) ->
     return [p.n for p in mixed_nm(importance, cfg.sparsity, base.m, spread=cfg.mixed_spread)]
 
 
-def _importance(model, calib: torch.Tensor, cfg: LosaConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
-    grams = block_input_grams(model, calib[: cfg.rmi_samples], cfg.calib_batch_size, device=device)
-    cka = cka_from_grams(grams)
-    return cka, layer_importance(cka, cfg.effective_beta)
-
-
 def run_losa(model, tokenizer, cfg: LosaConfig, *, calibration: torch.Tensor | None = None,
              eval_text: str | None = None, device=None, progress: bool = True,
              log: Callable[[Mapping[str, float], int], None] | None = None) -> LosaReport:
@@ -170,137 +112,115 @@ def run_losa(model, tokenizer, cfg: LosaConfig, *, calibration: torch.Tensor | N
         MergeVerificationError: the merged LoSA model is non-zero outside its final mask, or a layer's sparsity
             differs from what its last pruning step achieved.
     """
-    t_start = time.perf_counter()
-    torch.manual_seed(cfg.seed)  # adapter initialisation and dropout: the whole cell is a function of the seed
-    report = LosaReport(config=cfg.model_dump(mode="json"))
+    torch.manual_seed(cfg.seed)
     if calibration is None and cfg.method != "dense":
         calibration = data.calibration_windows(tokenizer, cfg.nsamples, cfg.seqlen, seed=cfg.seed)
-    text = eval_text if eval_text is not None else data.wikitext2_test_text()
+    return drive(cfg, LocalStages(model, tokenizer, cfg, calibration, eval_text, device=device, progress=progress,
+                                  log=log))
 
-    def ppl(m) -> float:
-        return perplexity(m, tokenizer, text, cfg.eval_seqlen, cfg.eval_batch_size, cfg.eval_windows, progress=progress)
 
+def drive(cfg: LosaConfig, stages: Stages) -> LosaReport:
+    """The control flow of one cell, written once for every executor (in memory, or one cached job per stage)."""
+    t_start = time.perf_counter()
+    report = LosaReport(config=cfg.model_dump(mode="json"))
+    dense = stages.dense()
     if cfg.method == "dense":
-        report.ppl = ppl(model)
+        report.ppl = _timed(report, "perplexity", stages.perplexity, dense)
     elif cfg.method in ("pruned", "lora"):
-        _one_shot(model, tokenizer, cfg, calibration, report, ppl, device, progress, log)
+        _one_shot(cfg, stages, dense, report)
     else:
-        _dsa(model, tokenizer, cfg, calibration, report, ppl, device, progress, log)
+        _dsa(cfg, stages, dense, report)
     report.timings["total"] = time.perf_counter() - t_start
     return report
 
 
-def _one_shot(model, tokenizer, cfg, calibration, report, ppl, device, progress, log) -> None:
+def _timed(report: LosaReport, name: str, fn, *args):
+    clock = time.perf_counter()
+    out = fn(*args)
+    report.timings[name] = report.timings.get(name, 0.0) + time.perf_counter() - clock
+    return out
+
+
+def _sizes(pr: dict) -> dict[str, int]:
+    return {f"{r['block']}.{r['name']}": r["shape"][0] * r["shape"][1] for r in pr["layers"]}
+
+
+def _one_shot(cfg: LosaConfig, stages: Stages, dense, report: LosaReport) -> None:
     """Baselines: uniform one-shot pruning, then (``lora``) a standard, unmasked LoRA of uniform rank."""
     kind, base = cfg.parsed_pattern()
-    t = time.perf_counter()
-    pr = prune_model(model, calibration, cfg.pruner, None if base.is_nm else cfg.sparsity, base,
-                     batch_size=cfg.calib_batch_size, propagation=cfg.propagation, device=device, progress=progress)
-    report.timings["prune"] = time.perf_counter() - t
-    report.ppl_pruned = ppl(model)
-    report.sparsity, report.layer_sparsity = _sparsity(model)
+    n = stages.n_blocks
+    pruned, pr = _timed(report, "prune", stages.prune, dense, [None if base.is_nm else cfg.sparsity] * n,
+                        [str(base)] * n, None)
+    report.ppl_pruned = _timed(report, "perplexity", stages.perplexity, pruned)
+    report.layer_sparsity = {f"{r['block']}.{r['name']}": r["sparsity"] for r in pr["layers"]}
+    report.sparsity = pr["sparsity"]
     if cfg.method == "pruned":
         report.ppl = report.ppl_pruned
         return
-    from peft import LoraConfig, get_peft_model
-
-    adapter = get_adapter(model)
-    targets = [f"{adapter.blocks}.{b}.{n}" for b, n, _ in adapter.iter_linears(model)]
-    peft_model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                                                  lora_dropout=cfg.lora_dropout, target_modules=targets,
-                                                  task_type="CAUSAL_LM"))
-    report.trainable_params = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    batches, steps = _train_batches(tokenizer, cfg)(cfg.effective_steps)
-    t = time.perf_counter()
-    res = finetune(peft_model, batches, steps, cfg.finetune, log=log, progress=progress, desc="LoRA")
-    report.timings["finetune"] = time.perf_counter() - t
-    report.steps.append(StepRecord(1, cfg.sparsity, cfg.lora_rank, None, None, pr.targets, pr.patterns,
-                                   pr.block_errors, [cfg.lora_rank] * len(pr.targets), [cfg.lora_rank] * len(pr.targets),
-                                   pr.sparsity, res.losses, {"finetune": res.seconds}))
+    state, res = _timed(report, "finetune", stages.lora, pruned)
+    report.trainable_params = res["trainable_params"]
+    report.steps.append(StepRecord(1, cfg.sparsity, cfg.lora_rank, None, None, pr["targets"], pr["patterns"],
+                                   pr["block_errors"], [cfg.lora_rank] * n, [cfg.lora_rank] * n, pr["sparsity"],
+                                   res["train_losses"], {"finetune": res["seconds"]}))
     report.sparsity_before_merge = report.sparsity
-    report.ppl_unmerged = ppl(peft_model)
-    merged = peft_model.merge_and_unload()
-    report.ppl = ppl(merged)
-    report.sparsity, report.layer_sparsity = _sparsity(merged)  # drops: the plain LoRA update is dense
+    report.ppl_unmerged = _timed(report, "perplexity", stages.perplexity, state)
+    merged, info = _timed(report, "merge", stages.finalize, state, pr["patterns"])
+    report.ppl = _timed(report, "perplexity", stages.perplexity, merged)
+    report.layer_sparsity = info["layer_sparsity"]  # drops: the plain LoRA update is dense
+    report.sparsity = overall_sparsity(report.layer_sparsity, _sizes(pr))
 
 
-def _dsa(model, tokenizer, cfg, calibration, report, ppl, device, progress, log) -> None:
+def _dsa(cfg: LosaConfig, stages: Stages, dense, report: LosaReport) -> None:
     """The T-step loop of method.md §4, one numbered step per comment."""
-    T = cfg.effective_steps
-    kind, base = cfg.parsed_pattern()
-    n_blocks = len(get_adapter(model).get_blocks(model))
-    t0 = time.perf_counter()
-    reference = dense_block_outputs(model, calibration, cfg.calib_batch_size, device=device)  # Y^dense, once
-    report.timings["dense_outputs"] = time.perf_counter() - t0
-    step_data = _train_batches(tokenizer, cfg)
-    peft_model = make_masked_lora(model, r_max=cfg.physical_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
-    report.trainable_params = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    base_model = peft_model.get_base_model()
-    global_step, final_n, floor = 0, None, None
-
+    T, n = cfg.effective_steps, stages.n_blocks
+    reference = _timed(report, "dense_outputs", stages.dense_outputs)  # Y^dense, once
+    state, final_n, floor = dense, None, None
     for t in range(1, T + 1):
         times: dict[str, float] = {}
         # step 1: schedules (cubic sparsity, linear mean rank)
         theta, omega = cubic_sparsity(cfg.sparsity, t, T), mean_rank(t, cfg.omega1, cfg.delta_omega)
-        # step 2: merge the adapter into the (masked) weights
-        merge_into_base(peft_model)
+        # step 2: merge the adapter into the (masked) weights; at t = 1 there is no adapter yet
+        clock = time.perf_counter()
+        merged = state if t == 1 else stages.merge(state)
+        times["merge"] = time.perf_counter() - clock
         # step 3: LSR on the merged model (§2)
         clock = time.perf_counter()
         cka = importance = None
         if "lsr" not in cfg.ablate:
-            cka, importance = _importance(base_model, calibration, cfg, device)
+            cka, importance = stages.importance(merged)
+        imp = torch.tensor(importance, dtype=torch.float64) if importance is not None else None
         if t == 1:
-            final_n = _final_n(cfg, importance, n_blocks)
-        rates, patterns = _step_plan(cfg, theta, importance, final_n, n_blocks, floor)
+            final_n = _final_n(cfg, imp, n)
+        rates, patterns = _step_plan(cfg, theta, imp, final_n, n, floor)
         times["lsr"] = time.perf_counter() - clock
         # step 4: prune the merged weights block by block, recording L_l against the dense outputs (§1, §3)
         clock = time.perf_counter()
-        pr = prune_model(base_model, calibration, cfg.pruner, rates, patterns, batch_size=cfg.calib_batch_size,
-                         propagation=cfg.propagation, reference=reference, device=device, progress=progress)
+        pruned, pr = stages.prune(merged, rates, [str(p) for p in patterns], reference)
         times["prune"] = time.perf_counter() - clock
-        floor = pr.block_sparsity
+        floor = pr["block_sparsity"]
         # step 6 (decided before 5, applied inside it): SRA ranks from the reconstruction errors (§3)
-        ranks = [omega] * n_blocks if "sra" in cfg.ablate else \
-            allocate_ranks(pr.block_errors, omega, r_min=cfg.r_min, r_max=cfg.r_max)
-        # step 5: unmerge with the new mask: pruned entries of the base weights are exactly zero
-        clipped = unmerge_with_new_mask(peft_model, ranks=ranks, clip=cfg.clip_to_physical)
-        applied = [clipped.get(b, (r, r))[1] for b, r in enumerate(ranks)]
-        # step 7: fine-tune the masked LoRA
-        batches, steps = step_data(t)
-        res = finetune(peft_model, batches, steps, cfg.finetune, progress=progress, desc=f"LoSA step {t}/{T}",
-                       log=(lambda m, s, off=global_step: log(m, off + s)) if log else None)
-        global_step += steps
-        times["finetune"] = res.seconds
-        report.steps.append(StepRecord(
-            t, theta, omega, cka.tolist() if cka is not None else None,
-            importance.tolist() if importance is not None else None, pr.targets, pr.patterns, pr.block_errors,
-            ranks, applied, pr.sparsity, res.losses, times))
+        ranks = [omega] * n if "sra" in cfg.ablate else \
+            allocate_ranks(pr["block_errors"], omega, r_min=cfg.r_min, r_max=cfg.r_max)
+        # steps 5 and 7: unmerge with the new mask (pruned base entries exactly zero), fine-tune the masked LoRA
+        clock = time.perf_counter()
+        state, res = stages.finetune(pruned, None if t == 1 else state, ranks, t)
+        times["finetune"] = time.perf_counter() - clock
+        report.trainable_params = res["trainable_params"]
+        report.steps.append(StepRecord(t, theta, omega, cka, importance, pr["targets"], pr["patterns"],
+                                       pr["block_errors"], ranks, res["applied_ranks"], pr["sparsity"],
+                                       res["train_losses"], times))
+        for k, v in times.items():
+            report.timings[k] = report.timings.get(k, 0.0) + v
 
     # merge and unload, then verify: zero exactly where the final mask is zero, sparsity as allocated
-    masks = weight_masks(peft_model)
-    merged = peft_model.merge_and_unload()
-    try:
-        verify_merged(merged, masks)
-    except ValueError as err:
-        raise MergeVerificationError(str(err)) from err
-    report.sparsity, report.layer_sparsity = _sparsity(merged)
-    last = {f"{r.block}.{r.name}": r for r in pr.layers}
-    if moved := {k: (v, last[k].sparsity) for k, v in report.layer_sparsity.items() if v != last[k].sparsity}:
+    merged, info = _timed(report, "merge", stages.finalize, state, pr["patterns"])
+    report.layer_sparsity = info["layer_sparsity"]
+    report.sparsity = overall_sparsity(report.layer_sparsity, _sizes(pr))
+    last = {f"{r['block']}.{r['name']}": r for r in pr["layers"]}
+    if moved := {k: (v, last[k]["sparsity"]) for k, v in report.layer_sparsity.items() if v != last[k]["sparsity"]}:
         raise MergeVerificationError(f"layer sparsity changed by the merge (merged, pruned): {moved}")
     # allocated rate, up to one weight per row (per-row rounding of the kept count)
-    if off := {k: (r.sparsity, r.target) for k, r in last.items() if abs(r.sparsity - r.target) > 1 / r.shape[1] + 1e-9}:
+    if off := {k: (r["sparsity"], r["target"]) for k, r in last.items()
+               if abs(r["sparsity"] - r["target"]) > 1 / r["shape"][1] + 1e-9}:
         raise MergeVerificationError(f"layer sparsity differs from its allocated rate (achieved, allocated): {off}")
-    if kind != "unstructured":
-        _verify_nm(merged, pr.patterns)
-    report.ppl = ppl(merged)
-
-
-def _verify_nm(model, patterns: list[str]) -> None:
-    for b, name, lin in get_adapter(model).iter_linears(model):
-        p = Pattern.parse(patterns[b])
-        if not p.is_nm:
-            continue
-        groups = (lin.weight != 0).reshape(-1, p.m).sum(-1)
-        if not bool((groups == p.n).all()):
-            raise MergeVerificationError(f"block {b} {name}: N:M groups hold {groups.unique().tolist()} weights, "
-                                         f"not {p.n} of {p.m}")
+    report.ppl = _timed(report, "perplexity", stages.perplexity, merged)

@@ -1,0 +1,104 @@
+"""The ``losa-cell`` flow: one grid cell, one Prefect task per stage (tasks/stages.py), logged to MLflow.
+
+The cell's control flow is :func:`losa.dsa.drive`, the same function ``run_losa`` runs in memory; here its stages are
+cached Prefect tasks (:class:`TaskStages`), so cells sharing a prefix (calibration, dense outputs, a one-shot prune,
+LSR of the dense model) compute it once and a rerun resumes after the last finished stage.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+
+from prefect import flow, get_run_logger
+
+from flows import tracking
+from flows.spec import Cell, load_grid
+from losa import METHOD_VERSION
+from tasks import stages as T
+from tasks.model import resolve_model
+from tasks.stages import STAGE_VERSION, CellSpec
+from tasks.store import ArtifactStore, Ref
+
+
+class TaskStages:
+    """:class:`losa.stages.Stages` where every stage is a cached task and every handle an artifact Ref."""
+
+    def __init__(self, cell: CellSpec):
+        from transformers import AutoConfig
+
+        self.cell = cell
+        cfg = cell.config
+        self.n_blocks = AutoConfig.from_pretrained(cell.model).num_hidden_layers
+        self.calib = T.calibration(cell) if cfg.method != "dense" else None
+        self.tokens = T.train_tokens(cell) if cfg.method in ("lora", "losa") and cfg.train_data == "text" else None
+
+    def dense(self) -> Ref:
+        return T._model_ref(self.cell)
+
+    def dense_outputs(self) -> Ref:
+        return T.dense_outputs(self.cell, self.calib)
+
+    def importance(self, state: Ref):
+        ref = T.importance(self.cell, state, self.calib)
+        return ref.info["cka"], ref.info["importance"]
+
+    def prune(self, state: Ref, rates, patterns, reference: Ref | None):
+        ref = T.prune(self.cell, state, self.calib, reference, list(rates), list(patterns))
+        return ref, ref.info
+
+    def finetune(self, pruned: Ref, previous: Ref | None, ranks, t: int):
+        ref = T.finetune(self.cell, pruned, previous, self.tokens, list(ranks), t)
+        return ref, ref.info
+
+    def lora(self, pruned: Ref):
+        ref = T.lora(self.cell, pruned, self.tokens)
+        return ref, ref.info
+
+    def merge(self, state: Ref) -> Ref:
+        return T.merge(self.cell, state)
+
+    def finalize(self, state: Ref, patterns):
+        ref = T.finalize(self.cell, state, list(patterns))
+        return ref, ref.info
+
+    def perplexity(self, state: Ref) -> float:
+        return T.perplexity(self.cell, state).info["ppl"]
+
+
+def cell_spec(cell: Cell) -> CellSpec:
+    path, sha = resolve_model(cell.model)
+    return CellSpec(model=path, model_sha256=sha, config=cell.config)
+
+
+def cell_key(spec: CellSpec) -> str:
+    return tracking.cell_key(spec.model_sha256, spec.config.model_dump(mode="json"), f"{METHOD_VERSION}/{STAGE_VERSION}")
+
+
+def run_cell(cell: Cell, grid: str, parent_run_id: str | None = None) -> dict:
+    """Run (or resume, or find cached) one cell, log it, return a summary row."""
+    from losa.dsa import drive
+
+    logger = get_run_logger()
+    spec = cell_spec(cell)
+    key = cell_key(spec)
+    store = ArtifactStore()
+    before = len(store.computed())
+    clock = time.perf_counter()
+    report = drive(spec.config, TaskStages(spec)).to_dict()
+    wall = time.perf_counter() - clock
+    computed = store.computed()[before:]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
+    extra = {"peak_rss_mib": peak, "stages_computed": len(computed), "wall_s": wall}
+    run_id = tracking.log_cell(key, grid, cell, report, parent_run_id, timings=report["timings"], extra_metrics=extra)
+    logger.info(f"{cell.describe()}: ppl {report['ppl']:.2f}, sparsity {report['sparsity']:.4f} "
+                f"({len(computed)} stages computed, {wall:.1f} s)")
+    return {"cell_id": cell.id, "key": key, "run_id": run_id, "ppl": report["ppl"], "wall_s": wall,
+            "stages_computed": len(computed), "stage_seconds": sum(c["seconds"] or 0.0 for c in computed)}
+
+
+@flow(name="losa-cell", log_prints=True)
+def losa_cell(grid: str, cell_id: str, parent_run_id: str | None = None) -> dict:
+    """One cell of a grid (by its id), e.g. submitted by ``losa-grid`` to a GPU work pool."""
+    spec = load_grid(grid)
+    return run_cell(spec.cell(cell_id), spec.name, parent_run_id)

@@ -1,0 +1,201 @@
+"""Flows over a whole grid: ``losa-grid`` (run its cells), ``losa-tables`` (tables from MLflow), ``losa-regression``.
+
+Cells run in this process one after another (``concurrency=1``), in a pool of worker processes
+(``concurrency=N``; processes, not threads: torch's global RNG drives dropout, so cells in threads would not be
+deterministic), or as ``losa-cell`` flow runs on a work pool (``dispatch="deployment"``), the way to spread a grid
+over GPU machines. A failed cell does not stop the others; the grid then fails after writing what it has.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ProcessPoolTaskRunner
+
+from flows import tracking
+from flows.cell import cell_key, cell_spec, losa_cell
+from flows.spec import GRIDS_DIR, Grid, load_grid
+from tasks.store import state_dir
+
+
+def outputs_dir(grid: str) -> Path:
+    return state_dir() / "outputs" / grid
+
+
+def _grid_ref(spec: Grid, grid: str) -> str:
+    """What a cell flow needs to reload the grid: its shipped name, or the file path."""
+    return spec.name if spec.path is not None and spec.path.parent == GRIDS_DIR else str(spec.path or grid)
+
+
+@task(name="cell", cache_policy=NO_CACHE)
+def cell_job(grid: str, cell_id: str, parent_run_id: str | None) -> dict:
+    return losa_cell(grid, cell_id, parent_run_id)
+
+
+@flow(name="losa-cells")
+def _pooled(grid: str, cell_ids: list[str], parent_run_id: str | None) -> list:
+    futures = cell_job.map(grid, cell_ids, unmapped(parent_run_id))
+    return [f.state for f in futures]
+
+
+@task(name="dispatch-cell", cache_policy=NO_CACHE)
+def dispatch_cell(grid: str, cell_id: str, parent_run_id: str | None, deployment: str) -> str:
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(deployment, parameters={"grid": grid, "cell_id": cell_id, "parent_run_id": parent_run_id},
+                         timeout=None)
+    if not run.state.is_completed():
+        raise RuntimeError(f"cell {cell_id}: flow run {run.name} ended {run.state.name}")
+    return run.state.name
+
+
+@flow(name="losa-grid", log_prints=True)
+def losa_grid(grid: str = "testbed", concurrency: int = 1, dispatch: str = "local",
+              deployment: str = "losa-cell/losa-cell", tables: bool = True) -> dict:
+    """Run every cell of a grid (validated first), log each to MLflow under one parent run, then write its tables.
+
+    Args:
+        grid: a shipped grid name (``experiments/<name>.yaml``) or a path to a grid file.
+        concurrency: cells at once in local worker processes (1: in this process).
+        dispatch: ``"local"`` or ``"deployment"`` (each cell a ``losa-cell`` flow run on a work pool).
+    """
+    logger = get_run_logger()
+    if dispatch not in ("local", "deployment"):
+        raise ValueError(f"dispatch must be 'local' or 'deployment', not {dispatch!r}")
+    spec = load_grid(grid)
+    ref = _grid_ref(spec, grid)
+    cells = spec.cells()
+    parent = tracking.start_grid(spec.name, len(cells))  # also creates the MLflow database before any fan-out
+    logger.info(f"grid {spec.name}: {len(cells)} cells, MLflow parent run {parent}")
+    ids = [c.id for c in cells]
+    if dispatch == "deployment":
+        states = [f.state for f in dispatch_cell.map(ref, ids, unmapped(parent), unmapped(deployment))]
+    elif concurrency > 1:
+        states = _pooled.with_options(task_runner=ProcessPoolTaskRunner(max_workers=concurrency))(ref, ids, parent)
+    else:
+        states = [losa_cell(ref, cid, parent, return_state=True) for cid in ids]
+    failed = [(cid, s.message) for cid, s in zip(ids, states) if not s.is_completed()]
+    summary = {"grid": spec.name, "cells": len(cells), "failed": [cid for cid, _ in failed], "parent_run_id": parent}
+    if tables:
+        summary["tables"] = str(losa_tables(ref, parent_run_id=parent))
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(cells)} cells failed: " +
+                           "; ".join(f"{spec.cell(cid).describe()}: {msg}" for cid, msg in failed))
+    return summary
+
+
+def grid_results(spec: Grid):
+    """The results frame of a grid's cells (latest finished MLflow run of each) and their cell keys."""
+    keys = {cell_key(cell_spec(c)): c for c in spec.cells()}
+    frame = tracking.results_frame(keys)
+    frame["grid"] = spec.name
+    return frame, keys
+
+
+@flow(name="losa-tables", log_prints=True)
+def losa_tables(grid: str = "testbed", parent_run_id: str | None = None, out_dir: str | None = None) -> Path:
+    """Tables (Markdown, CSV, parquet, LaTeX) and plots of a grid from MLflow, in the grid's paper layout."""
+    import pandas as pd
+
+    from flows.tables import build_tables, plot_allocation, plot_ppl_vs_sparsity, results_markdown, write_tables
+
+    spec = load_grid(grid)
+    out = Path(out_dir) if out_dir else outputs_dir(spec.name)
+    out.mkdir(parents=True, exist_ok=True)
+    frame, _ = grid_results(spec)
+    published = pd.DataFrame([p.model_dump() for p in spec.published]) if spec.published else None
+    tables = build_tables(spec.table, frame, published)
+    write_tables(tables, out, title=spec.description)
+    frame.to_csv(out / "results.csv", index=False)
+    frame.to_parquet(out / "results.parquet", index=False)
+    plot_ppl_vs_sparsity(frame, out / "ppl_vs_sparsity.png")
+    for row in frame[frame.method == "losa"].dropna(subset=["run_id"]).itertuples():
+        plot_allocation(tracking.cell_report(row.run_id), out / f"allocation_{row.cell_id}.png")
+    if parent_run_id:
+        mlflow = tracking.setup()
+        with mlflow.start_run(run_id=parent_run_id):
+            mlflow.log_artifacts(str(out), artifact_path="tables")
+    print(results_markdown(tables, title=spec.description))
+    print(f"tables written to {out}")
+    return out
+
+
+BASELINES = GRIDS_DIR / "baselines"
+METRICS = {"ppl": ("rel", 0.02), "achieved_sparsity": ("abs", 0.002)}  # default tolerances
+
+
+def compare(frame, baseline: dict) -> list[dict]:
+    """Rows that moved beyond tolerance (or vanished) against a baseline ``{"cells": {id: {metric: v}}, ...}``."""
+    tolerances = {**METRICS, **{k: tuple(v) for k, v in baseline.get("tolerances", {}).items()}}
+    moved = []
+    by_id = frame.set_index("cell_id")
+    for cid, metrics in baseline["cells"].items():
+        for metric, expected in metrics.items():
+            kind, tol = tolerances.get(metric, ("rel", 0.02))
+            got = by_id[metric].get(cid) if cid in by_id.index and metric in by_id else None
+            if got is None or got != got:  # missing or NaN
+                moved.append({"cell": cid, "metric": metric, "baseline": expected, "now": None, "allowed": tol})
+                continue
+            delta = abs(got - expected) / abs(expected) if kind == "rel" else abs(got - expected)
+            if delta > tol:
+                moved.append({"cell": cid, "metric": metric, "baseline": expected, "now": float(got),
+                              "change": f"{(got - expected) / expected:+.2%}" if kind == "rel" else f"{got - expected:+.4f}",
+                              "allowed": f"{tol:.2%}" if kind == "rel" else f"{tol:g}"})
+    return moved
+
+
+def write_baseline(grid: str, path: Path | None = None) -> Path:
+    """Record the grid's current results as its regression baseline (committed under experiments/baselines/)."""
+    spec = load_grid(grid)
+    frame, _ = grid_results(spec)
+    cells = {r.cell_id: {m: float(getattr(r, m)) for m in METRICS if getattr(r, m) == getattr(r, m)}
+             for r in frame.itertuples()}
+    path = path or BASELINES / f"{spec.name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"grid": spec.name, "tolerances": {k: list(v) for k, v in METRICS.items()},
+                                "cells": cells}, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+@flow(name="losa-regression", log_prints=True)
+def losa_regression(grid: str = "testbed", baseline: str | None = None, fresh: bool = True) -> dict:
+    """Run a grid from scratch and compare with its committed baseline; what moved fails the flow (and is tagged).
+
+    ``fresh``: a new artifact store and new MLflow runs, so the check measures today's code, not yesterday's cache.
+    """
+    from datetime import datetime, timezone
+
+    spec = load_grid(grid)
+    path = Path(baseline) if baseline else BASELINES / f"{spec.name}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no baseline for grid {spec.name} at {path}: write one with `losa baseline {grid}`")
+    expected = json.loads(path.read_text())
+    if fresh:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        os.environ["LOSA_ARTIFACTS"] = str(state_dir() / "regression" / stamp / "artifacts")
+        os.environ["LOSA_FRESH_RUNS"] = "1"
+    try:
+        summary = losa_grid(_grid_ref(spec, grid))
+    finally:
+        if fresh:
+            os.environ.pop("LOSA_ARTIFACTS", None)
+            os.environ.pop("LOSA_FRESH_RUNS", None)
+    frame, _ = grid_results(spec)
+    moved = compare(frame, expected)
+    mlflow = tracking.setup()
+    with mlflow.start_run(run_id=summary["parent_run_id"]):
+        mlflow.set_tag("losa.regression", "failed" if moved else "passed")
+        mlflow.log_dict({"moved": moved, "baseline": str(path)}, "regression.json")
+    if moved:
+        import pandas as pd
+
+        from flows.tables import results_markdown
+
+        raise RuntimeError(f"regression in grid {spec.name} against {path.name}:\n"
+                           + results_markdown({"moved": pd.DataFrame(moved).astype(str)}))
+    print(f"grid {spec.name}: {len(expected['cells'])} cells within tolerance of {path.name}")
+    return {"moved": moved, **summary}

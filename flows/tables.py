@@ -1,0 +1,502 @@
+"""Comparison tables in the paper's layouts, and plots, from the per-cell results frame. No tracking, no orchestration.
+
+Pure pandas + matplotlib (``Figure`` objects rendered by Agg; pyplot's global state is never touched). The flows
+pass a ``results`` frame (one row per grid cell) and, optionally, ``published`` numbers; every layout returns plain
+string tables, so a failed cell (NaN metric) is an empty string, never an error.
+
+Format decisions (the tests pin them):
+
+* Values: perplexity with 2 decimals; sparsity as a percentage with 1 decimal ("50.0%").
+* Repeats: all cells at the same table position (same row and column; in practice the seeds of one configuration)
+  are aggregated. One cell with a value is printed plainly; two or more as ``"mean ± sd (n=k)"`` (sample sd,
+  ddof=1), with ``"(n=k of N)"`` when only k of the N cells produced the metric. The ``seeds`` layout prints every
+  value in that form, ``"12.34 (n=1)"`` for a single run.
+* Dense: one value (aggregated over all dense cells of the model) repeated in every column, so each column reads
+  on its own.
+* Published numbers sit in two extra rows right under ours: ``"<label> (published)"`` and ``"<label> (diff)"``
+  (ours − published; ours is the mean over seeds; "+"-signed, percentage points for sparsity rows). They match
+  on model, method, pruner, sparsity, pattern, metric and eval_seqlen (dense ignores pruner/sparsity/pattern;
+  ablations and the ``steps`` layout are never compared, as published rows have no ablate/steps). Entries that
+  match everything except eval_seqlen are not compared; a note in ``table.attrs["notes"]`` says so.
+* Several LoSA step counts T in one table give one row each, ``"+LoSA (T=2)"``; a model evaluated at several
+  eval_seqlen values gets one table per length (name suffix ``__seq<L>``).
+* Table names: ``<layout>__<model>__<pruner>``. ``table1``/``zeroshot``/``seeds`` use unstructured cells
+  (columns are sparsities); ``nm`` uses N:M cells (columns are patterns); ``ablation`` and ``steps`` take both
+  (sparsity columns first, then patterns).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter
+
+LAYOUTS = ("table1", "zeroshot", "nm", "ablation", "steps", "seeds")
+ABLATIONS = ("lsr", "sra", "dsa")  # the order of the ablation rows and of the parts of a combined label
+METRICS = ("ppl", "ppl_pruned", "ppl_unmerged", "achieved_sparsity", "sparsity_before_merge", "trainable_params")
+_METRIC_ALIASES = {"perplexity": "ppl", "wikitext2_ppl": "ppl", "sparsity": "achieved_sparsity"}
+_DEFAULTS = {"model": "", "method": "", "pruner": "", "pattern": "unstructured", "ablate": "", "sparsity": np.nan,
+             "steps": np.nan, "seed": 0, "eval_seqlen": np.nan, **{m: np.nan for m in METRICS}}
+_ZEROSHOT_NOTE = "zero-shot accuracy is not measured yet; this table shows WikiText-2 perplexity"
+
+
+# ---------------------------------------------------------------- normalising the inputs
+
+def _norm_pattern(p) -> str:
+    return "unstructured" if p is None or (isinstance(p, float) and math.isnan(p)) or str(p).strip() in ("", "0:0") \
+        else str(p).strip()
+
+
+def _norm_ablate(a) -> str:
+    """``"sra, lsr"``, ``["lsr", "sra"]`` or ``"lsr-sra"`` -> ``"lsr,sra"`` (canonical order); NaN/None -> ``""``."""
+    if a is None or (isinstance(a, float) and math.isnan(a)):
+        return ""
+    parts = [x for x in re.split(r"[\s,+\-]+", a.lower()) if x] if isinstance(a, str) else [str(x).lower() for x in a]
+    return ",".join(sorted(set(parts), key=lambda x: (ABLATIONS.index(x) if x in ABLATIONS else len(ABLATIONS), x)))
+
+
+def _ablate_label(ablate: str) -> str:
+    return "+LoSA" if not ablate else "".join(f"-{x.upper()}" for x in ablate.split(","))
+
+
+def _ablate_order(ablate: str) -> tuple:
+    parts = ablate.split(",") if ablate else []
+    return len(parts), [ABLATIONS.index(x) if x in ABLATIONS else len(ABLATIONS) for x in parts], ablate
+
+
+def _pct_label(s: float) -> str:
+    return "?" if s is None or math.isnan(s) else f"{s * 100:.4g}%"
+
+
+def _pattern_order(p: str) -> tuple:
+    m = re.fullmatch(r"(mixed-)?(\d+):(\d+)", p)
+    if not m:
+        return 2, 0.0, 0, p
+    n, mm = int(m[2]), int(m[3])
+    return int(bool(m[1])), 1 - n / mm, mm, p
+
+
+def _slug(text) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "none"
+
+
+def _normalize(results: pd.DataFrame) -> pd.DataFrame:
+    df = results.copy()
+    for col, default in _DEFAULTS.items():
+        if col not in df:
+            df[col] = default
+    for col in ("model", "method", "pruner"):
+        df[col] = df[col].astype(object).where(df[col].notna(), "").astype(str)
+    df["method"] = df["method"].str.lower()
+    df["pattern"] = [_norm_pattern(p) for p in df["pattern"]]
+    df["ablate"] = [_norm_ablate(a) for a in df["ablate"]]
+    for col in ("sparsity", "steps", "eval_seqlen", *METRICS):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
+    df["_T"] = df["steps"].fillna(-1).astype(int)
+    df["_seq"] = df["eval_seqlen"].fillna(-1).astype(int)
+    unstructured = df["pattern"] == "unstructured"
+    df["_col"] = [_pct_label(s) if u else p for s, u, p in zip(df["sparsity"], unstructured, df["pattern"])]
+    return df
+
+
+# ---------------------------------------------------------------- formatting
+
+def _fmt(v: float, kind: str) -> str:
+    if v is None or math.isnan(v):
+        return ""
+    return f"{v * 100:.1f}%" if kind == "pct" else f"{v:.2f}"
+
+
+def _fmt_diff(v: float, kind: str) -> str:
+    return f"{v * 100:+.1f} pp" if kind == "pct" else f"{v:+.2f}"
+
+
+def _aggregate(values: pd.Series, kind: str, seeds: bool) -> tuple[str, float | None]:
+    """Text and mean of the metric over the cells at one table position (see the module docstring)."""
+    n_cells, v = len(values), values.dropna()
+    k = len(v)
+    if k == 0:
+        return "", None
+    mean = float(v.mean())
+    if n_cells == 1 and not seeds:
+        return _fmt(mean, kind), mean
+    count = f"n={k}" if k == n_cells else f"n={k} of {n_cells}"
+    if k == 1:
+        return f"{_fmt(mean, kind)} ({count})", mean
+    sd = float(v.std(ddof=1))
+    text = f"{sd * 100:.1f}" if kind == "pct" else f"{sd:.2f}"
+    mean_text = f"{mean * 100:.1f}" if kind == "pct" else f"{mean:.2f}"
+    return f"{mean_text} ± {text}{'%' if kind == 'pct' else ''} ({count})", mean
+
+
+# ---------------------------------------------------------------- rows, scopes, published
+
+@dataclass(frozen=True)
+class _Row:
+    label: str
+    cells: pd.DataFrame  # the cells of this row, already in the table's scope
+    metric: str
+    kind: str = "ppl"  # "ppl" | "pct"
+    method: str | None = None  # published method to compare with; None: never compared
+    broadcast: bool = False  # dense: one value in every column
+
+
+def _baseline_rows(cells: pd.DataFrame, dense: bool = True) -> list[_Row]:
+    rows = []
+    if dense and len(d := cells[cells["method"] == "dense"]):
+        rows.append(_Row("dense", d, "ppl", method="dense", broadcast=True))
+    if len(p := cells[cells["method"] == "pruned"]):
+        rows.append(_Row("pruned", p, "ppl", method="pruned"))
+    if len(lo := cells[cells["method"] == "lora"]):
+        rows += [_Row("+LoRA (unmerged)", lo, "ppl_unmerged", method="lora"),
+                 _Row("+LoRA (merged)", lo, "ppl", method="lora"),
+                 _Row("+LoRA merged sparsity", lo, "achieved_sparsity", "pct", method="lora")]
+    return rows
+
+
+def _losa_rows(cells: pd.DataFrame, ablations: bool) -> list[_Row]:
+    losa = cells[cells["method"] == "losa"]
+    if not ablations:
+        losa = losa[losa["ablate"] == ""]
+    several_t = losa["_T"].nunique() > 1
+    rows = []
+    for ablate in sorted(losa["ablate"].unique(), key=_ablate_order):
+        a = losa[losa["ablate"] == ablate]
+        for t in sorted(a["_T"].unique()) if several_t else [None]:
+            suffix = "" if t is None else f" (T={t if t >= 0 else '?'})"
+            rows.append(_Row(_ablate_label(ablate) + suffix, a if t is None else a[a["_T"] == t], "ppl",
+                             method="losa" if ablate == "" else None))
+    return rows
+
+
+def _step_rows(cells: pd.DataFrame) -> list[_Row]:
+    losa = cells[(cells["method"] == "losa") & (cells["ablate"] == "")]
+    return [_Row(f"T={t if t >= 0 else '?'}", losa[losa["_T"] == t], "ppl") for t in sorted(losa["_T"].unique())]
+
+
+@dataclass(frozen=True)
+class _Scope:
+    model: str
+    pruner: str
+    seqlen: int  # -1: unknown
+    suffix: str  # table-name suffix
+
+
+def _scopes(df: pd.DataFrame) -> Iterator[tuple[_Scope, pd.DataFrame]]:
+    """(model, pruner[, eval_seqlen]) scopes, each with its cells; dense cells join every pruner of their model."""
+    for model in dict.fromkeys(df["model"]):
+        mdf = df[df["model"] == model]
+        seqs = sorted(mdf["_seq"].unique())
+        for seq in seqs:
+            sdf = mdf[mdf["_seq"] == seq]
+            suffix = f"__seq{seq}" if len(seqs) > 1 else ""
+            for pruner in sorted(set(sdf.loc[sdf["method"] != "dense", "pruner"])):
+                cells = sdf[(sdf["method"] == "dense") | (sdf["pruner"] == pruner)]
+                yield _Scope(model, pruner, int(seq), suffix), cells
+
+
+class _Published:
+    def __init__(self, published: pd.DataFrame):
+        df = published.copy()
+        for col in ("model", "method", "pruner", "pattern", "sparsity", "eval_seqlen", "metric", "value", "source"):
+            if col not in df:
+                df[col] = np.nan
+        for col in ("model", "method", "pruner", "metric", "source"):
+            df[col] = df[col].astype(object).where(df[col].notna(), "").astype(str)
+        df["method"] = df["method"].str.lower()
+        df["metric"] = [_METRIC_ALIASES.get(m.lower(), m.lower()) for m in df["metric"]]
+        df["pattern"] = [_norm_pattern(p) for p in df["pattern"]]
+        for col in ("sparsity", "eval_seqlen", "value"):
+            df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
+        self.df = df
+
+    def lookup(self, scope: _Scope, row: _Row, colmeta: dict[str, tuple[float, str]]
+               ) -> tuple[dict[str, float], list[str]]:
+        """Published value per column of ``row``, and notes on entries skipped for another eval_seqlen."""
+        d = self.df
+        cand = d[(d["model"] == scope.model) & (d["method"] == row.method) & (d["metric"] == row.metric)]
+        if row.method != "dense":
+            cand = cand[cand["pruner"] == scope.pruner]
+        values, notes = {}, []
+        for col, (sparsity, pattern) in colmeta.items():
+            hit = cand
+            if row.method != "dense":
+                nm = pattern != "unstructured"
+                same_sp = np.isclose(hit["sparsity"], sparsity, atol=1e-6) | (
+                    (hit["sparsity"].isna() | math.isnan(sparsity)) if nm else False)
+                hit = hit[(hit["pattern"] == pattern) & same_sp]
+            same = hit[hit["eval_seqlen"] == scope.seqlen]
+            if len(same):
+                values[col] = float(same["value"].iloc[0])
+            elif len(hit):
+                other = ", ".join(f"{int(x)}" if not math.isnan(x) else "?" for x in hit["eval_seqlen"].unique())
+                src = ", ".join(s for s in hit["source"].unique() if s)
+                where = "" if row.broadcast else f" at {col}"
+                notes.append(f"published {row.label}{where} ({src or 'no source'}) was measured at eval_seqlen "
+                             f"{other}, ours at {scope.seqlen if scope.seqlen >= 0 else '?'}: not compared")
+        return values, list(dict.fromkeys(notes))
+
+
+# ---------------------------------------------------------------- building tables
+
+def _columns(cells: pd.DataFrame) -> tuple[list[str], dict[str, tuple[float, str]]]:
+    """Column labels (sparsities ascending, then patterns) and each column's (sparsity, pattern)."""
+    nd = cells[cells["method"] != "dense"]
+    meta = {}
+    for col, sp, pat in zip(nd["_col"], nd["sparsity"], nd["pattern"]):
+        meta.setdefault(col, (float(sp), pat))
+    order = sorted(meta, key=lambda c: (0, np.nan_to_num(meta[c][0], nan=np.inf), "")
+                   if meta[c][1] == "unstructured" else (1, *_pattern_order(meta[c][1])))
+    return order, {c: meta[c] for c in order}
+
+
+def _table(rows: list[_Row], cells: pd.DataFrame, scope: _Scope, published: _Published | None, seeds: bool,
+           index_name: str, title: str, notes: list[str]) -> pd.DataFrame | None:
+    columns, colmeta = _columns(cells)
+    if not columns or not rows:
+        return None
+    body: dict[str, dict[str, str]] = {}
+    notes = list(notes)
+    for row in rows:
+        if row.broadcast:
+            text, mean = _aggregate(row.cells[row.metric], row.kind, seeds)
+            texts, means = dict.fromkeys(columns, text), dict.fromkeys(columns, mean)
+        else:
+            texts, means = {}, {}
+            for col, g in row.cells.groupby("_col", sort=False):
+                texts[col], means[col] = _aggregate(g[row.metric], row.kind, seeds)
+        body[row.label] = texts
+        if published is None or row.method is None:
+            continue
+        pub, skipped = published.lookup(scope, row, colmeta)
+        notes += skipped
+        if pub:
+            body[f"{row.label} (published)"] = {c: _fmt(v, row.kind) for c, v in pub.items()}
+            body[f"{row.label} (diff)"] = {c: _fmt_diff(means[c] - v, row.kind) for c, v in pub.items()
+                                           if means.get(c) is not None}
+    kinds = {"unstructured" == p for _, p in colmeta.values()}
+    table = pd.DataFrame([[body[r].get(c, "") for c in columns] for r in body],
+                         index=pd.Index(list(body), name=index_name),
+                         columns=pd.Index(columns, name="sparsity" if kinds == {True} else
+                                          "pattern" if kinds == {False} else "sparsity / pattern"), dtype=object)
+    table.attrs = json.loads(json.dumps({"title": title, "model": scope.model, "pruner": scope.pruner,
+                                         "eval_seqlen": scope.seqlen, "notes": list(dict.fromkeys(notes))}))
+    return table
+
+
+def build_tables(layout: str, results: pd.DataFrame, published: pd.DataFrame | None = None
+                 ) -> dict[str, pd.DataFrame]:
+    """Comparison tables of one layout, by name (``<layout>__<model>__<pruner>``).
+
+    Args:
+        layout: one of :data:`LAYOUTS`.
+        results: one row per grid cell (columns as described in the module docstring; missing ones read as NaN).
+        published: optional published numbers (``model, method, pruner, sparsity, pattern, eval_seqlen, metric,
+            value, source``), shown as extra "(published)"/"(diff)" rows.
+
+    Returns:
+        Tables of strings; ``table.attrs`` holds ``title``, ``model``, ``pruner``, ``eval_seqlen`` and ``notes``.
+
+    Raises:
+        ValueError: unknown layout.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown table layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    df = _normalize(results)
+    pub = _Published(published) if published is not None and len(published) else None
+    unstructured = (df["pattern"] == "unstructured") | (df["method"] == "dense")
+    if layout == "nm":
+        df = df[(df["pattern"] != "unstructured") | (df["method"] == "dense")]
+    elif layout in ("table1", "zeroshot", "seeds"):
+        df = df[unstructured]
+
+    rows_of: Callable[[pd.DataFrame], list[_Row]] = {
+        "table1": lambda c: _baseline_rows(c) + _losa_rows(c, ablations=False),
+        "zeroshot": lambda c: _baseline_rows(c) + _losa_rows(c, ablations=False),
+        "seeds": lambda c: _baseline_rows(c) + _losa_rows(c, ablations=False),
+        "nm": lambda c: _baseline_rows(c) + _losa_rows(c, ablations=True),
+        "ablation": lambda c: _losa_rows(c, ablations=True),
+        "steps": _step_rows,
+    }[layout]
+    what = {"zeroshot": "WikiText-2 perplexity (zero-shot accuracy: later)", "seeds": "perplexity, mean ± sd over seeds",
+            "ablation": "LoSA ablations, perplexity", "steps": "LoSA by number of DSA steps T, perplexity",
+            "nm": "N:M sparsity, perplexity"}.get(layout, "WikiText-2 perplexity")
+    tables = {}
+    for scope, cells in _scopes(df):
+        seq = f", eval_seqlen {scope.seqlen}" if scope.seqlen >= 0 else ""
+        notes = [_ZEROSHOT_NOTE] if layout == "zeroshot" else []
+        table = _table(rows_of(cells), cells, scope, pub, layout == "seeds",
+                       "steps" if layout == "steps" else "method",
+                       f"{what}: {scope.model}, {scope.pruner}{seq}", notes)
+        if table is not None:
+            tables[f"{layout}__{_slug(scope.model)}__{_slug(scope.pruner)}{scope.suffix}"] = table
+    return tables
+
+
+# ---------------------------------------------------------------- writers
+
+def _markdown(table: pd.DataFrame) -> str:
+    def esc(x) -> str:
+        return str(x).replace("|", "\\|")
+
+    header = [esc(table.index.name or ""), *(esc(c) for c in table.columns)]
+    body = [[esc(i), *(esc(v) for v in row)] for i, row in zip(table.index, table.itertuples(index=False))]
+    widths = [max(len(r[j]) for r in [header, *body]) for j in range(len(header))]
+    line = lambda cells: "| " + " | ".join(  # noqa: E731
+        c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths))) + " |"
+    rule = "| " + " | ".join("-" * w if j == 0 else "-" * (w - 1) + ":" for j, w in enumerate(widths)) + " |"
+    text = "\n".join([line(header), rule, *map(line, body)])
+    if notes := table.attrs.get("notes"):
+        text += "".join(f"\n\nNote: {n}" for n in notes)
+    return text
+
+
+def _latex(table: pd.DataFrame) -> str:
+    def esc(x) -> str:
+        s = str(x).replace("\\", r"\textbackslash{}")
+        s = re.sub(r"([&%$#_{}])", r"\\\1", s).replace("~", r"\textasciitilde{}").replace("^", r"\^{}")
+        return s.replace("±", r"$\pm$")
+
+    lines = [r"\begin{tabular}{l" + "r" * len(table.columns) + "}", r"\toprule",
+             " & ".join([esc(table.index.name or ""), *map(esc, table.columns)]) + r" \\", r"\midrule"]
+    lines += [" & ".join([esc(i), *map(esc, row)]) + r" \\"
+              for i, row in zip(table.index, table.itertuples(index=False))]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [rf"\par{{\footnotesize Note: {esc(n)}}}" for n in table.attrs.get("notes", [])]
+    return "\n".join(lines) + "\n"
+
+
+def results_markdown(tables: dict[str, pd.DataFrame], title: str = "") -> str:
+    """All tables as one Markdown document: a ``##`` heading per table, its title, the table and its notes."""
+    parts = [f"# {title}"] if title else []
+    for name, table in tables.items():
+        head = f"## {name}" + (f"\n\n{table.attrs['title']}" if table.attrs.get("title") else "")
+        parts.append(f"{head}\n\n{_markdown(table)}")
+    return "\n\n".join(parts) + "\n"
+
+
+def write_tables(tables: dict[str, pd.DataFrame], out_dir: Path, title: str = "") -> list[Path]:
+    """Write every table as ``<name>.{md,csv,parquet,tex}`` plus ``tables.md`` with all of them; return the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, table in tables.items():
+        safe = table.astype(str)  # parquet-safe: every cell, label and header a string
+        safe.columns = pd.Index([str(c) for c in table.columns], name=table.columns.name)
+        safe.index = pd.Index([str(i) for i in table.index], name=table.index.name or "row")
+        safe.attrs = dict(table.attrs)
+        for suffix, write in ((".md", lambda p: p.write_text(_markdown(safe) + "\n")),
+                              (".csv", lambda p: safe.to_csv(p)),
+                              (".parquet", lambda p: safe.to_parquet(p)),
+                              (".tex", lambda p: p.write_text(_latex(safe)))):
+            path = out_dir / f"{name}{suffix}"
+            write(path)
+            paths.append(path)
+    path = out_dir / "tables.md"
+    path.write_text(results_markdown(tables, title))
+    return [*paths, path]
+
+
+# ---------------------------------------------------------------- plots
+
+def _empty(fig: Figure, text: str) -> None:
+    ax = fig.add_subplot()
+    ax.text(0.5, 0.5, text, ha="center", va="center")
+    ax.set_axis_off()
+
+
+def plot_ppl_vs_sparsity(results: pd.DataFrame, path: Path) -> Path:
+    """Perplexity vs sparsity, one line per method label, one subplot per (model, pruner); log y; dense dashed."""
+    df = _normalize(results)
+    df = df[(df["pattern"] == "unstructured") | (df["method"] == "dense")]
+    scopes = list(_scopes(df))
+    ncols = min(3, max(1, len(scopes)))
+    nrows = max(1, math.ceil(len(scopes) / ncols))
+    fig = Figure(figsize=(5 * ncols, 3.8 * nrows), layout="constrained")
+    if not scopes:
+        _empty(fig, "no results")
+    for k, (scope, cells) in enumerate(scopes):
+        ax = fig.add_subplot(nrows, ncols, k + 1)
+        for row in _baseline_rows(cells) + _losa_rows(cells, ablations=True):
+            vals = row.cells[["sparsity", row.metric]].replace([np.inf, -np.inf], np.nan)
+            vals = vals[vals[row.metric] > 0]  # also drops NaN; log axis
+            vals = vals if row.broadcast else vals.dropna()  # dense needs no sparsity
+            if row.kind != "ppl" or vals.empty:
+                continue
+            if row.broadcast:
+                ax.axhline(vals[row.metric].mean(), color="grey", ls="--", lw=1, label=row.label)
+                continue
+            g = vals.groupby("sparsity")[row.metric]
+            ax.errorbar(g.mean().index * 100, g.mean().values, yerr=g.std(ddof=1).fillna(0).values,
+                        marker="o", ms=4, capsize=2, label=row.label)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))  # "60", not "6 x 10^1"
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+        ax.set_xlabel("sparsity (%)")
+        ax.set_ylabel("perplexity")
+        seq = f", eval_seqlen {scope.seqlen}" if scope.seqlen >= 0 else ""
+        ax.set_title(f"{scope.model}, {scope.pruner}{seq}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _heatmap(fig: Figure, ax, matrix: np.ndarray, steps: list, title: str, fmt: str, annotate: bool) -> None:
+    im = ax.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest")
+    fig.colorbar(im, ax=ax, shrink=0.9)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("DSA step t")
+    ax.set_ylabel("block")
+    ax.set_xticks(range(len(steps)), [str(t) for t in steps])
+    if matrix.shape[0] <= 40:
+        ax.set_yticks(range(matrix.shape[0]))
+    if annotate and np.isfinite(matrix).any():
+        mid = np.nanmean([np.nanmin(matrix), np.nanmax(matrix)])
+        for (i, j), v in np.ndenumerate(matrix):
+            if np.isfinite(v):
+                ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7,
+                        color="black" if v > mid else "white")
+
+
+def plot_allocation(report: dict, path: Path) -> Path:
+    """Per-block sparsity rate and applied LoRA rank across DSA steps, as two heatmaps, from a LosaReport dict."""
+    steps = report.get("steps") or []
+    fig = Figure(figsize=(11, 0.9 + 0.32 * max(4, *(len(s.get("rates") or []) for s in steps)) if steps else 3),
+                 layout="constrained")
+    if not steps:
+        _empty(fig, "no DSA steps in this report")
+    else:
+        def matrix(key: str, fallback: str | None = None) -> np.ndarray:
+            cols = [s.get(key) or (s.get(fallback) if fallback else None) or [] for s in steps]
+            out = np.full((max(1, max(map(len, cols))), len(cols)), np.nan)
+            for j, c in enumerate(cols):
+                out[: len(c), j] = [np.nan if v is None else float(v) for v in c]
+            return out  # (blocks, steps)
+
+        rates, ranks = matrix("rates"), matrix("applied_ranks", "ranks")
+        ts = [s.get("t", j + 1) for j, s in enumerate(steps)]
+        annotate = rates.size <= 200
+        axes = fig.subplots(1, 2)
+        _heatmap(fig, axes[0], rates, ts, "sparsity rate per block", ".2f", annotate)
+        _heatmap(fig, axes[1], ranks, ts, "applied LoRA rank per block", ".0f", annotate)
+        cfg = report.get("config") or {}
+        head = " ".join(str(cfg[k]) for k in ("method", "pruner", "pattern") if cfg.get(k))
+        if isinstance(cfg.get("sparsity"), (int, float)):
+            head += f" {cfg['sparsity']:.0%}"
+        fig.suptitle(f"{head}, T={len(steps)}".strip(", "), fontsize=11)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path

@@ -1,0 +1,273 @@
+"""One Prefect task per LoSA stage. Each restores its inputs, calls ONE ``losa`` function, stores its artifact.
+
+Every task declares its cache key (``KEYS``): the stage name and version, the config fields the stage reads, its
+own parameters, and the content hashes of its input artifacts. The same key addresses the artifact store, so a
+stage whose artifact exists is never recomputed, whether Prefect's cache record survived or not. SERIALIZABLE
+isolation (a file lock per key) makes concurrent cells that need the same stage wait for one computation instead of
+racing. Prefect persists only the returned :class:`~tasks.store.Ref` (a pointer plus small JSON info).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.locking.filesystem import FileSystemLockManager
+from pydantic import BaseModel, ConfigDict
+
+from losa import METHOD_VERSION
+from losa.config import LosaConfig
+
+from .store import ArtifactStore, Ref, stage_key, state_dir
+
+STAGE_VERSION = "1"  # bump with any change in this file that changes what a stage stores
+
+
+class CellSpec(BaseModel):
+    """The identity of one cell as the tasks see it: a resolved model and its settings."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str  # resolved local path
+    model_sha256: str  # content hash of the model's files (see tasks.model.resolve_model)
+    config: LosaConfig
+    device: str = "auto"  # "auto": cuda when available
+
+
+# the config fields each stage reads: they, and nothing else of the config, enter its cache key
+_ADAPTER = ("physical_rank", "lora_alpha", "lora_dropout", "lora_rank")
+_TRAIN = ("finetune", "train_data", "train_steps", "final_train_steps", "steps", "method", "ablate",
+          "alpaca_per_step", "alpaca_total", "alpaca_max_len", "seed", "clip_to_physical") + _ADAPTER
+FIELDS: dict[str, tuple[str, ...]] = {
+    "calibration": ("nsamples", "seqlen", "seed"),
+    "train_tokens": (),
+    "dense_outputs": ("calib_batch_size",),
+    "importance": ("rmi_samples", "calib_batch_size", "beta", "pruner") + _ADAPTER,  # beta defaults by pruner
+    "prune": ("pruner", "propagation", "calib_batch_size") + _ADAPTER,
+    "finetune": _TRAIN,
+    "lora": _TRAIN,
+    "merge": _ADAPTER,
+    "finalize": _ADAPTER,
+    "perplexity": ("eval_seqlen", "eval_batch_size", "eval_windows") + _ADAPTER,
+}
+
+
+def cache_key(stage: str, params: dict[str, Any]) -> str:
+    """Key of ``stage`` called with ``params`` (the task's bound arguments)."""
+    cell: CellSpec = params["cell"]
+    cfg = cell.config.model_dump(mode="json")
+    own = {k: v for k, v in params.items() if k != "cell" and not isinstance(v, Ref) and v is not None}
+    inputs = {k: v for k, v in params.items() if isinstance(v, Ref)}
+    inputs["model"] = cell.model_sha256
+    # a cache record is only valid for the store its Ref points into
+    inputs["store"] = ArtifactStore().root
+    return stage_key(stage, f"{METHOD_VERSION}/{STAGE_VERSION}", {**{f: cfg[f] for f in FIELDS[stage]}, **own},
+                     inputs)
+
+
+def _store() -> ArtifactStore:
+    return ArtifactStore()
+
+
+def stage_task(stage: str):
+    """A Prefect task for ``stage``: cache key from :func:`cache_key`, artifact store lookup before computing."""
+
+    def wrap(fn: Callable[..., Ref]):
+        policy = CacheKeyFnPolicy(cache_key_fn=lambda ctx, params: cache_key(stage, params)).configure(
+            isolation_level="SERIALIZABLE", lock_manager=FileSystemLockManager(state_dir() / "locks"))
+
+        @functools.wraps(fn)
+        def body(*args, **kwargs):
+            import inspect
+
+            params = inspect.signature(fn).bind(*args, **kwargs)
+            params.apply_defaults()
+            key = cache_key(stage, dict(params.arguments))
+            store = _store()
+            if (hit := store.get(key)) is not None:  # computed before (another cell, another process)
+                return hit
+            return fn(*args, **kwargs, _key=key, _store=store)
+
+        body.__signature__ = _without_private(fn)
+        return task(name=stage, cache_policy=policy, persist_result=True,
+                    result_storage=Path(state_dir() / "prefect-results"), log_prints=True,
+                    task_run_name=f"{stage}" + "-{cell.config.method}")(body)
+
+    return wrap
+
+
+def _without_private(fn):
+    import inspect
+
+    sig = inspect.signature(fn)
+    return sig.replace(parameters=[p for n, p in sig.parameters.items() if not n.startswith("_")])
+
+
+# --------------------------------------------------------------------------------------------- restoring inputs
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _device(cell: CellSpec) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if cell.device == "auto" else cell.device
+
+
+def _open(cell: CellSpec, state: Ref, calib: Ref | None = None, tokens: Ref | None = None):
+    """A :class:`losa.stages.LocalStages` on a fresh model holding ``state`` (the dense model or a snapshot)."""
+    from losa.models import load_model
+    from losa.stages import LocalStages, restore
+
+    store = _store()
+    model, _ = load_model(cell.model, device=_device(cell))
+    if state.stage != "model":
+        tensors, meta = store.tensors(state)
+        model = restore(model, tensors, meta, cell.config)
+    calibration = store.tensors(calib)[0]["ids"] if calib is not None else None
+    stream = store.tensors(tokens)[0]["ids"] if tokens is not None else None
+    return LocalStages(model, _tokenizer(cell.model), cell.config, calibration, progress=False, stream=stream)
+
+
+def _put(store: ArtifactStore, stage: str, key: str, info: dict, model=None, adapter: bool = True, seconds=None) -> Ref:
+    from losa.stages import snapshot
+
+    tensors, meta = snapshot(model, adapter=adapter) if model is not None else (None, None)
+    return store.put(stage, key, info, tensors, meta, seconds=seconds)
+
+
+def _clock():
+    import time
+
+    start = time.perf_counter()
+    return lambda: time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------- the stages
+
+
+@stage_task("calibration")
+def calibration(cell: CellSpec, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
+    """C4 calibration windows (method.md §1) as the cell's tokenizer cuts them."""
+    from losa import data
+
+    clock, cfg = _clock(), cell.config
+    ids = data.calibration_windows(_tokenizer(cell.model), cfg.nsamples, cfg.seqlen, seed=cfg.seed)
+    return _store.put("calibration", _key, {"shape": list(ids.shape)}, {"ids": ids}, seconds=clock())
+
+
+@stage_task("train_tokens")
+def train_tokens(cell: CellSpec, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
+    """The plain-text fine-tuning token stream (tokenized once per tokenizer)."""
+    from losa.stages import token_stream
+
+    clock = _clock()
+    ids = token_stream(_tokenizer(cell.model))
+    return _store.put("train_tokens", _key, {"tokens": int(ids.numel())}, {"ids": ids}, seconds=clock())
+
+
+@stage_task("dense_outputs")
+def dense_outputs(cell: CellSpec, calib: Ref, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
+    """Y^dense of every block on the calibration set (method.md §3), computed once per model and calibration."""
+    clock = _clock()
+    stages = _open(cell, _model_ref(cell), calib)
+    out = stages.dense_outputs()
+    tensors = {f"{b}.{k}": y for b, block in enumerate(out) for k, y in enumerate(block)}
+    return _store.put("dense_outputs", _key, {"blocks": len(out), "batches": len(out[0])}, tensors, seconds=clock())
+
+
+@stage_task("importance")
+def importance(cell: CellSpec, state: Ref, calib: Ref, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
+    """LSR's CKA matrix and layer importances of the merged model (method.md §2)."""
+    clock = _clock()
+    cka, imp = _open(cell, state, calib).importance(0)
+    return _store.put("importance", _key, {"cka": cka, "importance": imp}, seconds=clock())
+
+
+@stage_task("prune")
+def prune(cell: CellSpec, state: Ref, calib: Ref, reference: Ref | None, rates: list, patterns: list[str],
+          _key: str = "", _store: ArtifactStore | None = None) -> Ref:
+    """Prune the state's weights block by block to ``rates``/``patterns`` (method.md §1); info = the PruneReport."""
+    clock = _clock()
+    stages = _open(cell, state, calib)
+    ref = None
+    if reference is not None:
+        y = _store.tensors(reference)[0]
+        info = reference.info
+        ref = [[y[f"{b}.{k}"] for k in range(info["batches"])] for b in range(info["blocks"])]
+    _, report = stages.prune(0, rates, patterns, ref)
+    return _put(_store, "prune", _key, report, stages.model, adapter=False, seconds=clock())
+
+
+@stage_task("finetune")
+def finetune(cell: CellSpec, pruned: Ref, previous: Ref | None, tokens: Ref | None, ranks: list[int], t: int,
+             _key: str = "", _store: ArtifactStore | None = None) -> Ref:
+    """DSA steps 5–7 (method.md §4): attach the adapter to the new mask with SRA's ranks, fine-tune it."""
+    clock = _clock()
+    if previous is None:  # t = 1: a fresh adapter on the pruned weights
+        stages, handle = _open(cell, pruned, tokens=tokens), 0
+    else:  # rebuild the in-memory state: previous adapter merged, then the pruned merged weights in place
+        stages = _open(cell, previous, tokens=tokens)
+        handle = stages.merge(0)
+        _load_weights(stages.base, _store.tensors(pruned)[0])
+    _, info = stages.finetune(handle, previous, ranks, t)
+    return _put(_store, "finetune", _key, info, stages.model, seconds=clock())
+
+
+@stage_task("lora")
+def lora(cell: CellSpec, pruned: Ref, tokens: Ref | None, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
+    """The baseline's standard LoRA, trained on the pruned model with the same budget."""
+    clock = _clock()
+    stages = _open(cell, pruned, tokens=tokens)
+    _, info = stages.lora(0)
+    return _put(_store, "lora", _key, info, stages.model, seconds=clock())
+
+
+@stage_task("merge")
+def merge(cell: CellSpec, state: Ref, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
+    """DSA step 2: the adapter merged into the masked weights (weights only; the adapter lives on in ``state``)."""
+    clock = _clock()
+    stages = _open(cell, state)
+    stages.merge(0)
+    return _put(_store, "merge", _key, {}, stages.model, adapter=False, seconds=clock())
+
+
+@stage_task("finalize")
+def finalize(cell: CellSpec, state: Ref, patterns: list[str], _key: str = "",
+             _store: ArtifactStore | None = None) -> Ref:
+    """Merge and unload; a masked adapter's merge is verified (raises MergeVerificationError, nothing stored)."""
+    clock = _clock()
+    stages = _open(cell, state)
+    _, info = stages.finalize(0, patterns)
+    return _put(_store, "finalize", _key, info, stages.model, adapter=False, seconds=clock())
+
+
+@stage_task("perplexity")
+def perplexity(cell: CellSpec, state: Ref, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
+    """WikiText-2 perplexity of the state (with its adapter, if it has one)."""
+    clock = _clock()
+    ppl = _open(cell, state).perplexity(0)
+    return _store.put("perplexity", _key, {"ppl": ppl}, seconds=clock())
+
+
+def _model_ref(cell: CellSpec) -> Ref:
+    return Ref(stage="model", key=cell.model_sha256, sha256=cell.model_sha256, info={"path": cell.model})
+
+
+def _load_weights(model, tensors) -> None:
+    import torch
+
+    from losa.models import get_adapter
+
+    with torch.no_grad():
+        for b, name, lin in get_adapter(model).iter_linears(model):
+            lin.weight.data.copy_(tensors[f"w.{b}.{name}"])

@@ -1,0 +1,123 @@
+"""Content-addressed artifact store: safetensors + a JSON manifest per artifact, on any fsspec filesystem.
+
+An artifact's key is the sha256 of (stage, stage version, parameters, input content hashes): the same computation
+on the same inputs always lands on the same key, so the key doubles as the stage's cache key. Its manifest records
+the sha256 of its tensor file, which is the *content* hash later stages key on. The manifest is written last (after
+the tensors, each via a temporary name and a rename), so an interrupted write leaves no artifact behind.
+
+Default root: ``$LOSA_ARTIFACTS`` (any fsspec URL, e.g. ``s3://bucket/losa`` when a grid spans machines), else
+``<state>/artifacts`` with ``<state>`` = ``$LOSA_HOME`` or ``<repo>/.state``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import torch
+from pydantic import BaseModel, ConfigDict
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def state_dir() -> Path:
+    """The project state folder: ``$LOSA_HOME`` or ``<repo>/.state``."""
+    return Path(os.environ.get("LOSA_HOME", PROJECT_ROOT / ".state")).resolve()
+
+
+class Ref(BaseModel):
+    """What a stage returns and Prefect persists: a pointer to an artifact plus its small JSON info."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stage: str
+    key: str  # where it lives (the stage's cache key)
+    sha256: str  # content hash of the tensors (or of the info when there are none)
+    info: dict[str, Any] = {}
+
+
+def digest(obj: Any) -> str:
+    """sha256 of canonical JSON."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def stage_key(stage: str, version: str, params: Mapping[str, Any], inputs: Mapping[str, Ref | str | None]) -> str:
+    """The cache key of one stage run: its name and version, its parameters, and the content hash of each input."""
+    hashes = {k: (v.sha256 if isinstance(v, Ref) else v) for k, v in inputs.items()}
+    return digest({"stage": stage, "version": version, "params": params, "inputs": hashes})
+
+
+class ArtifactStore:
+    """Artifacts under ``root/<key[:2]>/<key>/`` (``manifest.json`` + optional ``tensors.safetensors``)."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        root = root or os.environ.get("LOSA_ARTIFACTS") or str(state_dir() / "artifacts")
+        self.fs, self.root = fsspec.core.url_to_fs(str(root))
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    def _dir(self, key: str) -> str:
+        return f"{self.root}/{key[:2]}/{key}"
+
+    def _write(self, path: str, payload: bytes) -> None:
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        with self.fs.open(tmp, "wb") as f:
+            f.write(payload)
+        self.fs.mv(tmp, path)
+
+    def get(self, key: str) -> Ref | None:
+        """The committed artifact under ``key``, or None."""
+        path = f"{self._dir(key)}/manifest.json"
+        if not self.fs.exists(path):
+            return None
+        with self.fs.open(path, "rb") as f:
+            manifest = json.loads(f.read())
+        return Ref(stage=manifest["stage"], key=key, sha256=manifest["sha256"], info=manifest["info"])
+
+    def put(self, stage: str, key: str, info: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None,
+            metadata: Mapping[str, str] | None = None, seconds: float | None = None) -> Ref:
+        """Store an artifact; tensors are written first, the manifest commits it. Logs the computation."""
+        self.fs.makedirs(self._dir(key), exist_ok=True)
+        info = json.loads(json.dumps(dict(info)))  # JSON types only (tuples -> lists), as a reader will see them
+        if tensors is not None:
+            payload = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, dict(metadata or {}))
+            sha = hashlib.sha256(payload).hexdigest()
+            self._write(f"{self._dir(key)}/tensors.safetensors", payload)
+        else:
+            sha = digest(info)
+        manifest = {"stage": stage, "key": key, "sha256": sha, "info": info, "has_tensors": tensors is not None,
+                    "created": time.time(), "seconds": seconds}
+        self._write(f"{self._dir(key)}/manifest.json", json.dumps(manifest, indent=1).encode())
+        with self.fs.open(f"{self.root}/computed.jsonl", "ab") as f:  # what actually ran, for the benchmarks
+            f.write((json.dumps({"stage": stage, "key": key, "seconds": seconds, "time": time.time()}) + "\n").encode())
+        return Ref(stage=stage, key=key, sha256=sha, info=info)
+
+    def tensors(self, ref: Ref) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """(tensors, safetensors metadata) of an artifact, checked against its content hash."""
+        with self.fs.open(f"{self._dir(ref.key)}/tensors.safetensors", "rb") as f:
+            payload = f.read()
+        if hashlib.sha256(payload).hexdigest() != ref.sha256:
+            raise RuntimeError(f"artifact {ref.stage} {ref.key[:12]} is corrupt: content hash mismatch")
+        return st_load(payload), _metadata(payload)  # load() drops the metadata
+
+    def computed(self) -> list[dict]:
+        """Every stage computation logged in this store (one line per artifact written)."""
+        path = f"{self.root}/computed.jsonl"
+        if not self.fs.exists(path):
+            return []
+        with self.fs.open(path, "rb") as f:
+            return [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+
+
+def _metadata(payload: bytes) -> dict[str, str]:
+    # safetensors layout: 8-byte little-endian header length, then the JSON header holding "__metadata__"
+    n = int.from_bytes(payload[:8], "little")
+    return json.loads(payload[8 : 8 + n]).get("__metadata__", {}) or {}
