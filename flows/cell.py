@@ -30,44 +30,83 @@ class TaskStages:
         self.cell = cell
         cfg = cell.config
         self.n_blocks = AutoConfig.from_pretrained(cell.model).num_hidden_layers
-        self.calib = T.calibration(cell) if cfg.method != "dense" else None
-        self.tokens = T.train_tokens(cell) if cfg.method in ("lora", "losa") and cfg.train_data == "text" else None
+        self.calib = self._call(T.calibration) if cfg.method != "dense" else None
+        text = cfg.method in ("lora", "losa") and cfg.train_data == "text"
+        self.tokens = self._call(T.train_tokens) if text else None
+
+    def _call(self, stage, **params) -> Ref:
+        return stage(cell=self.cell, **params)
 
     def dense(self) -> Ref:
         return T._model_ref(self.cell)
 
     def dense_outputs(self) -> Ref:
-        return T.dense_outputs(self.cell, self.calib)
+        return self._call(T.dense_outputs, calib=self.calib)
 
     def importance(self, state: Ref):
-        ref = T.importance(self.cell, state, self.calib)
+        ref = self._call(T.importance, state=state, calib=self.calib)
         return ref.info["cka"], ref.info["importance"]
 
     def prune(self, state: Ref, rates, patterns, reference: Ref | None):
-        ref = T.prune(self.cell, state, self.calib, reference, list(rates), list(patterns))
+        ref = self._call(T.prune, state=state, calib=self.calib, reference=reference, rates=list(rates),
+                         patterns=list(patterns))
         return ref, ref.info
 
     def finetune(self, pruned: Ref, previous: Ref | None, ranks, t: int):
-        ref = T.finetune(self.cell, pruned, previous, self.tokens, list(ranks), t)
+        ref = self._call(T.finetune, pruned=pruned, previous=previous, tokens=self.tokens, ranks=list(ranks), t=t)
         return ref, ref.info
 
     def lora(self, pruned: Ref):
-        ref = T.lora(self.cell, pruned, self.tokens)
+        ref = self._call(T.lora, pruned=pruned, tokens=self.tokens)
         return ref, ref.info
 
     def merge(self, state: Ref) -> Ref:
-        return T.merge(self.cell, state)
+        return self._call(T.merge, state=state)
 
     def finalize(self, state: Ref, patterns):
-        ref = T.finalize(self.cell, state, list(patterns))
+        ref = self._call(T.finalize, state=state, patterns=list(patterns))
         return ref, ref.info
 
     def perplexity(self, state: Ref) -> float:
-        return T.perplexity(self.cell, state).info["ppl"]
+        return self._call(T.perplexity, state=state).info["ppl"]
 
 
-def cell_spec(cell: Cell) -> CellSpec:
-    path, sha = resolve_model(cell.model)
+class _Missing(Exception):
+    pass
+
+
+class CachedStages(TaskStages):
+    """Walks a cell's stages through the artifact store only, counting those already computed (``losa check``)."""
+
+    def __init__(self, cell: CellSpec):
+        self.found = 0
+        self.store = ArtifactStore()
+        super().__init__(cell)
+
+    def _call(self, stage, **params) -> Ref:
+        ref = self.store.get(T.cache_key(stage.name, {"cell": self.cell, **params}))
+        if ref is None:
+            raise _Missing(stage.name)
+        self.found += 1
+        return ref
+
+
+def cached_stages(spec: CellSpec) -> tuple[int, bool]:
+    """(stages of this cell already in the store, whether the whole cell is)."""
+    from losa.dsa import drive
+
+    stages = CachedStages.__new__(CachedStages)  # keep the count even when the constructor's lookups miss
+    try:
+        stages.__init__(spec)
+        drive(spec.config, stages)
+        return stages.found, True
+    except _Missing:
+        return stages.found, False
+
+
+def cell_spec(cell: Cell, as_task: bool = True) -> CellSpec:
+    """The cell's settings on its resolved model (``as_task``: as a Prefect task, i.e. inside a flow)."""
+    path, sha = (resolve_model if as_task else resolve_model.fn)(cell.model)
     return CellSpec(model=path, model_sha256=sha, config=cell.config)
 
 

@@ -215,6 +215,116 @@ def _run(args) -> int:
     return 0
 
 
+def _grid_or_exit(name: str, command: str):
+    from flows.spec import GridSpecError, load_grid
+
+    try:
+        return load_grid(name)
+    except GridSpecError as err:
+        raise SystemExit(f"losa {command}: {err}") from None
+
+
+def _prefect_env() -> None:
+    """Flows started from the CLI keep Prefect's state under the project state folder too."""
+    os.environ.setdefault("PREFECT_HOME", str(STATE_DIR / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+
+def _grid(args) -> int:
+    spec = _grid_or_exit(args.grid, "grid")  # validated before any compute
+    _prefect_env()
+    from flows.grid import losa_grid
+
+    state = losa_grid(args.grid, concurrency=args.concurrency, dispatch=args.dispatch, return_state=True)
+    print(f"grid {spec.name}: {state.name}")
+    return 0 if state.is_completed() else 1
+
+
+def _check(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    spec = _grid_or_exit(args.grid, "check")
+    cells = spec.cells()
+    console = Console()
+    console.print(f"grid {spec.name} ({spec.path}): valid, {len(cells)} cells, table layout {spec.table}")
+    if args.no_cache:
+        return 0
+    from flows.cell import cached_stages, cell_spec
+
+    table = Table(title="cached stages (artifact store)")
+    for col in ("cell", "id", "stages cached", "complete"):
+        table.add_column(col)
+    total = done = 0
+    for cell in cells:
+        try:
+            found, complete = cached_stages(cell_spec(cell, as_task=False))
+        except FileNotFoundError as err:
+            raise SystemExit(f"losa check: {err}") from None
+        total, done = total + found, done + complete
+        table.add_row(cell.describe(), cell.id, str(found), "yes" if complete else "")
+    console.print(table)
+    console.print(f"{done} of {len(cells)} cells complete; {total} stage artifacts cached")
+    return 0
+
+
+def _tables(args) -> int:
+    spec = _grid_or_exit(args.grid, "tables")
+    _prefect_env()
+    from flows.grid import losa_tables
+
+    losa_tables(spec.name if spec.path and spec.path.parent.name == "experiments" else args.grid, out_dir=args.out)
+    return 0
+
+
+def _baseline(args) -> int:
+    _grid_or_exit(args.grid, "baseline")
+    from flows.grid import write_baseline
+
+    print(f"baseline written to {write_baseline(args.grid)}")
+    return 0
+
+
+def _up(args) -> int:
+    from flows import service
+
+    info = service.up(workers=args.workers, gpu_workers=args.gpu_workers)
+    print(json.dumps(info, indent=1, default=str))
+    print(f"Prefect UI: {service.base_url()}  -  run a grid: PREFECT_API_URL={service.base_url()}/api "
+          "prefect deployment run losa-grid/testbed --watch  -  stop: losa down")
+    return 0
+
+
+def _launch(args) -> int:
+    """The deployment path: server + worker (``losa up``), ``prefect deployment run losa-grid/<grid> --watch``."""
+    import subprocess
+
+    spec = _grid_or_exit(args.grid, "launch")
+    from flows import service
+
+    if f"losa-grid/{spec.name}" not in service.deployments() or not service.healthy():
+        service.up()
+    cmd = [str(Path(sys.executable).with_name("prefect")), "deployment", "run", f"losa-grid/{spec.name}", "--watch"]
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    rc = subprocess.run(cmd, env={**os.environ, **service.service_env()}, cwd=PROJECT_ROOT).returncode
+    out = service.state_dir() / "outputs" / spec.name
+    if (out / "tables.md").exists():
+        print((out / "tables.md").read_text())
+        print(f"tables, plots and results of grid {spec.name}: {out}")
+    print(f"Prefect UI {service.base_url()} (stop with `losa down`); MLflow: .venv/bin/mlflow ui "
+          f"--backend-store-uri sqlite:///{service.state_dir() / 'mlflow.db'}")
+    return rc
+
+
+def _down(args) -> int:
+    from flows import service
+
+    stopped = service.down()
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return 0
+
+
 def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="local path (or hub id when online)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
@@ -269,6 +379,38 @@ def build_parser() -> argparse.ArgumentParser:
     tab.add_argument("--settings", default="0.5,0.7,2:4", help="sparsities and/or N:M patterns, comma-separated")
     tab.add_argument("--csv", default=None, help="also write the table as CSV")
     tab.set_defaults(func=_table)
+
+    g = sub.add_parser("grid", help="run a grid (experiments/<name>.yaml or a path) locally, with progress")
+    g.add_argument("grid", nargs="?", default="testbed")
+    g.add_argument("--concurrency", type=int, default=1, help="cells at once, each in its own process")
+    g.add_argument("--dispatch", choices=("local", "deployment"), default="local",
+                   help="'deployment': each cell a losa-cell flow run on a work pool (see `losa up`)")
+    g.set_defaults(func=_grid)
+
+    c = sub.add_parser("check", help="validate a grid; print its cells and how many stages are already cached")
+    c.add_argument("grid", nargs="?", default="testbed")
+    c.add_argument("--no-cache", action="store_true", help="only validate (no model hashing, no store lookups)")
+    c.set_defaults(func=_check)
+
+    t = sub.add_parser("tables", help="a grid's tables and plots from MLflow (Markdown, CSV, parquet, LaTeX, PNG)")
+    t.add_argument("grid", nargs="?", default="testbed")
+    t.add_argument("--out", default=None, help="output folder (default: $LOSA_HOME/outputs/<grid>)")
+    t.set_defaults(func=_tables)
+
+    bl = sub.add_parser("baseline", help="record a grid's current results as its regression baseline")
+    bl.add_argument("grid", nargs="?", default="testbed")
+    bl.set_defaults(func=_baseline)
+
+    u = sub.add_parser("up", help="start a local Prefect server and worker, and deploy prefect.yaml")
+    u.add_argument("--workers", type=int, default=1)
+    u.add_argument("--gpu-workers", type=int, default=0, help="workers on the losa-gpu pool, one per GPU")
+    u.set_defaults(func=_up)
+    la = sub.add_parser("launch", help="run a grid through the deployment path (server, worker, "
+                        "`prefect deployment run losa-grid/<grid>`), then show its tables")
+    la.add_argument("grid", nargs="?", default="testbed")
+    la.set_defaults(func=_launch)
+    d = sub.add_parser("down", help="stop what `losa up` started")
+    d.set_defaults(func=_down)
     return p
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows import tracking
@@ -39,6 +40,7 @@ def cell_job(grid: str, cell_id: str, parent_run_id: str | None) -> dict:
 @flow(name="losa-cells")
 def _pooled(grid: str, cell_ids: list[str], parent_run_id: str | None) -> list:
     futures = cell_job.map(grid, cell_ids, unmapped(parent_run_id))
+    wait(futures)
     return [f.state for f in futures]
 
 
@@ -73,7 +75,9 @@ def losa_grid(grid: str = "testbed", concurrency: int = 1, dispatch: str = "loca
     logger.info(f"grid {spec.name}: {len(cells)} cells, MLflow parent run {parent}")
     ids = [c.id for c in cells]
     if dispatch == "deployment":
-        states = [f.state for f in dispatch_cell.map(ref, ids, unmapped(parent), unmapped(deployment))]
+        futures = dispatch_cell.map(ref, ids, unmapped(parent), unmapped(deployment))
+        wait(futures)
+        states = [f.state for f in futures]
     elif concurrency > 1:
         states = _pooled.with_options(task_runner=ProcessPoolTaskRunner(max_workers=concurrency))(ref, ids, parent)
     else:

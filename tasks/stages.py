@@ -84,9 +84,9 @@ def stage_task(stage: str):
         def body(*args, **kwargs):
             import inspect
 
-            params = inspect.signature(fn).bind(*args, **kwargs)
-            params.apply_defaults()
-            key = cache_key(stage, dict(params.arguments))
+            bound = inspect.signature(fn).bind(*args, **kwargs)
+            bound.apply_defaults()
+            key = cache_key(stage, {k: v for k, v in bound.arguments.items() if not k.startswith("_")})
             store = _store()
             if (hit := store.get(key)) is not None:  # computed before (another cell, another process)
                 return hit
