@@ -35,7 +35,7 @@ class TaskStages:
         self.tokens = self._call(T.train_tokens) if text else None
 
     def _call(self, stage, **params) -> Ref:
-        return stage(cell=self.cell, **params)
+        return T.configured(stage)(cell=self.cell, **params)
 
     def dense(self) -> Ref:
         return T._model_ref(self.cell)

@@ -11,13 +11,17 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = PROJECT_ROOT / "testbed" / "model"
 DEFAULT_RECIPE = PROJECT_ROOT / "testbed" / "recipe.json"
-STATE_DIR = Path(os.environ.get("LOSA_HOME", PROJECT_ROOT / ".state"))
+
+
+def state_dir() -> Path:
+    """The project state folder, read when used: ``$LOSA_HOME`` or ``<repo>/.state``."""
+    return Path(os.environ.get("LOSA_HOME", PROJECT_ROOT / ".state"))
 
 
 def _state_env() -> None:
     """Keep every cache this process may write under the project state folder (nothing in HOME or TMPDIR)."""
-    os.environ.setdefault("HF_HOME", str(STATE_DIR / "hf"))
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(STATE_DIR / "torchinductor"))
+    os.environ.setdefault("HF_HOME", str(state_dir() / "hf"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(state_dir() / "torchinductor"))
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -29,7 +33,7 @@ def _testbed_build(args) -> int:
     data.require(*recipe.corpus, data.WIKITEXT2_TEST)
     if args.steps is not None:
         recipe = recipe.model_copy(update={"steps": args.steps})
-    work = Path(args.work_dir) if args.work_dir else STATE_DIR / "testbed-build"
+    work = Path(args.work_dir) if args.work_dir else state_dir() / "testbed-build"
     testbed.build(recipe, Path(args.out), work)
     return 0
 
@@ -226,7 +230,7 @@ def _grid_or_exit(name: str, command: str):
 
 def _prefect_env() -> None:
     """Flows started from the CLI keep Prefect's state under the project state folder too."""
-    os.environ.setdefault("PREFECT_HOME", str(STATE_DIR / "prefect"))
+    os.environ.setdefault("PREFECT_HOME", str(state_dir() / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 

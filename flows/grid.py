@@ -94,7 +94,7 @@ def losa_grid(grid: str = "testbed", concurrency: int = 1, dispatch: str = "loca
 
 def grid_results(spec: Grid):
     """The results frame of a grid's cells (latest finished MLflow run of each) and their cell keys."""
-    keys = {cell_key(cell_spec(c)): c for c in spec.cells()}
+    keys = {cell_key(cell_spec(c, as_task=False)): c for c in spec.cells()}
     frame = tracking.results_frame(keys)
     frame["grid"] = spec.name
     return frame, keys
@@ -105,7 +105,8 @@ def losa_tables(grid: str = "testbed", parent_run_id: str | None = None, out_dir
     """Tables (Markdown, CSV, parquet, LaTeX) and plots of a grid from MLflow, in the grid's paper layout."""
     import pandas as pd
 
-    from flows.tables import build_tables, plot_allocation, plot_ppl_vs_sparsity, results_markdown, write_tables
+    from flows.tables import (build_tables, plot_allocation, plot_lsr, plot_ppl_vs_sparsity, results_markdown,
+                              write_tables)
 
     spec = load_grid(grid)
     out = Path(out_dir) if out_dir else outputs_dir(spec.name)
@@ -118,7 +119,9 @@ def losa_tables(grid: str = "testbed", parent_run_id: str | None = None, out_dir
     frame.to_parquet(out / "results.parquet", index=False)
     plot_ppl_vs_sparsity(frame, out / "ppl_vs_sparsity.png")
     for row in frame[frame.method == "losa"].dropna(subset=["run_id"]).itertuples():
-        plot_allocation(tracking.cell_report(row.run_id), out / f"allocation_{row.cell_id}.png")
+        report = tracking.cell_report(row.run_id)
+        plot_allocation(report, out / f"allocation_{row.cell_id}.png")
+        plot_lsr(report, out / f"cka_errors_{row.cell_id}.png")
     if parent_run_id:
         mlflow = tracking.setup()
         with mlflow.start_run(run_id=parent_run_id):

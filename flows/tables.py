@@ -500,3 +500,36 @@ def plot_allocation(report: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
+
+
+def plot_lsr(report: dict, path: Path) -> Path:
+    """LSR and SRA inputs per DSA step (method.md §2–§3): the CKA matrix between block inputs, and the
+    per-block reconstruction errors L_l, from a LosaReport dict."""
+    steps = [s for s in report.get("steps") or [] if s.get("cka") is not None or s.get("errors")]
+    fig = Figure(figsize=(3.2 * max(1, len(steps)), 6.2), layout="constrained")
+    if not steps:
+        _empty(fig, "no LSR/SRA records in this report")
+    else:
+        axes = fig.subplots(2, len(steps), squeeze=False)
+        for j, s in enumerate(steps):
+            ax = axes[0][j]
+            if s.get("cka") is not None:
+                cka = np.asarray(s["cka"], dtype=float)
+                im = ax.imshow(cka, vmin=0, vmax=1, cmap="magma", interpolation="nearest")
+                fig.colorbar(im, ax=ax, shrink=0.8)
+                ax.set_xticks(range(len(cka)))
+                ax.set_yticks(range(len(cka)))
+            else:
+                ax.text(0.5, 0.5, "no LSR (ablated)", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(f"CKA, step {s.get('t', j + 1)}", fontsize=9)
+            ax.set_xlabel("block")
+            ax.set_ylabel("block")
+            errors = s.get("errors") or []
+            axes[1][j].bar(range(len(errors)), errors, color="tab:red")
+            axes[1][j].set_xticks(range(len(errors)))
+            axes[1][j].set_title(f"reconstruction error L_l, step {s.get('t', j + 1)}", fontsize=9)
+            axes[1][j].set_xlabel("block")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path

@@ -31,7 +31,10 @@ def setup(experiment: str = EXPERIMENT):
     import mlflow
 
     state_dir().mkdir(parents=True, exist_ok=True)
+    preset = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri())
+    if preset is None:  # set_tracking_uri exports the variable; keep following $LOSA_HOME instead
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
     if mlflow.get_experiment_by_name(experiment) is None:
         try:
             mlflow.create_experiment(experiment,
@@ -93,10 +96,11 @@ def log_cell(key: str, grid: str, cell: Any, report: dict, parent_run_id: str | 
                                     "importance", "cka")} for s in report["steps"]]
         mlflow.log_dict(steps, "steps.json")
         if cell.config.method == "losa" and report["steps"]:
-            from flows.tables import plot_allocation
+            from flows.tables import plot_allocation, plot_lsr
 
             with tempfile.TemporaryDirectory(dir=state_dir()) as tmp:
                 mlflow.log_artifact(str(plot_allocation(report, Path(tmp) / "allocation.png")))
+                mlflow.log_artifact(str(plot_lsr(report, Path(tmp) / "cka_errors.png")))
         return run.info.run_id
 
 

@@ -77,9 +77,6 @@ def stage_task(stage: str):
     """A Prefect task for ``stage``: cache key from :func:`cache_key`, artifact store lookup before computing."""
 
     def wrap(fn: Callable[..., Ref]):
-        policy = CacheKeyFnPolicy(cache_key_fn=lambda ctx, params: cache_key(stage, params)).configure(
-            isolation_level="SERIALIZABLE", lock_manager=FileSystemLockManager(state_dir() / "locks"))
-
         @functools.wraps(fn)
         def body(*args, **kwargs):
             import inspect
@@ -93,11 +90,19 @@ def stage_task(stage: str):
             return fn(*args, **kwargs, _key=key, _store=store)
 
         body.__signature__ = _without_private(fn)
-        return task(name=stage, cache_policy=policy, persist_result=True,
-                    result_storage=Path(state_dir() / "prefect-results"), log_prints=True,
+        # cache policy and result storage depend on the state folder: bound per call by configured()
+        return task(name=stage, persist_result=True, log_prints=True,
                     task_run_name=f"{stage}" + "-{cell.config.method}")(body)
 
     return wrap
+
+
+def configured(stage_task):
+    """The task bound to the current state folder: its cache records, results and locks live there."""
+    state = state_dir()
+    policy = CacheKeyFnPolicy(cache_key_fn=lambda ctx, params: cache_key(stage_task.name, params)).configure(
+        isolation_level="SERIALIZABLE", lock_manager=FileSystemLockManager(state / "locks"))
+    return stage_task.with_options(cache_policy=policy, result_storage=state / "prefect-results")
 
 
 def _without_private(fn):

@@ -59,7 +59,8 @@ def losa_env(tmp_path_factory):
     mp.setenv("PREFECT_HOME", str(root / "prefect"))
     mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     for var in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "LOSA_ARTIFACTS", "LOSA_FRESH_RUNS"):
-        mp.delenv(var, raising=False)
+        mp.setenv(var, "")  # recorded, so that undo() also removes what MLflow exports into os.environ
+        mp.delenv(var)
     # what flows.cli.main() would otherwise setdefault into os.environ for the rest of the session
     mp.setenv("HF_HOME", str(state / "hf"))
     mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(state / "torchinductor"))
@@ -151,6 +152,10 @@ def test_micro_grid_logs_parent_children_and_tables(first, losa_env):
     assert metrics.loc[methods["pruned"].id, "metrics.achieved_sparsity"] == pytest.approx(0.70, abs=0.01)
     assert metrics.loc[methods["dense"].id, "metrics.achieved_sparsity"] == 0.0
 
+    # everything under the session's state folder
+    assert (losa_env.state / "mlflow.db").is_file() and (losa_env.state / "artifacts" / "computed.jsonl").is_file()
+    if not losa_env.stale_task_module:  # tasks.stages was first imported after LOSA_HOME was set
+        assert (losa_env.state / "prefect-results").is_dir()
     out = losa_env.state / "outputs" / "micro"
     assert first.summary["tables"] == str(out)
     assert (out / "tables.md").is_file() and (out / "ppl_vs_sparsity.png").is_file()
@@ -221,7 +226,11 @@ def test_failed_cell_fails_the_grid_and_rerun_resumes(losa_env, tmp_path, monkey
     from tasks.store import ArtifactStore, state_dir
 
     monkeypatch.setenv("LOSA_HOME", str(tmp_path / "state"))
+    # mlflow.set_tracking_uri() exported the first state's database as MLFLOW_TRACKING_URI, which
+    # flows.tracking.tracking_uri() prefers over $LOSA_HOME (see test_tracking_follows_losa_home): name the new one
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{(tmp_path / 'state').resolve() / 'mlflow.db'}")
     assert state_dir() == (tmp_path / "state").resolve()
+    assert mlflow_runs().empty
     assert ArtifactStore().computed() == []
     path = write_grid(tmp_path / "grids", ["pruned", "losa"], dense=False)
     grid = load_grid(path)
@@ -314,10 +323,16 @@ def test_check_counts_cached_stages(first, second, capsys):
     assert "4 of 4 cells complete" in capsys.readouterr().out
 
 
-@pytest.mark.xfail(strict=True, reason="tasks/stages.py binds Prefect result storage and the lock folder to "
-                                       "$LOSA_HOME at import time (stage_task), not at call time")
 def test_task_state_follows_losa_home(losa_env, tmp_path, monkeypatch):
     from tasks import stages as T
 
     monkeypatch.setenv("LOSA_HOME", str(tmp_path))
-    assert Path(T.calibration.result_storage).is_relative_to(tmp_path)
+    assert Path(T.configured(T.calibration).result_storage).is_relative_to(tmp_path)
+
+
+def test_tracking_follows_losa_home(losa_env, tmp_path, monkeypatch):
+    from flows import tracking
+
+    tracking.setup()  # as every flow does
+    monkeypatch.setenv("LOSA_HOME", str(tmp_path))
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
