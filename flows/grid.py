@@ -73,8 +73,12 @@ def losa_grid(grid: str = "testbed", concurrency: int = 1, dispatch: str = "loca
     cells = spec.cells()
     parent = tracking.start_grid(spec.name, len(cells))  # also creates the MLflow database before any fan-out
     logger.info(f"grid {spec.name}: {len(cells)} cells, MLflow parent run {parent}")
-    ids = [c.id for c in cells]
-    if dispatch == "deployment":
+    ids = [c.id for c in cells if not _up_to_date(c)]
+    if len(ids) < len(cells):
+        logger.info(f"{len(cells) - len(ids)} cells up to date (every stage cached, run logged): not rerun")
+    if not ids:
+        states = []
+    elif dispatch == "deployment":
         futures = dispatch_cell.map(ref, ids, unmapped(parent), unmapped(deployment))
         wait(futures)
         states = [f.state for f in futures]
@@ -90,6 +94,16 @@ def losa_grid(grid: str = "testbed", concurrency: int = 1, dispatch: str = "loca
         raise RuntimeError(f"{len(failed)} of {len(cells)} cells failed: " +
                            "; ".join(f"{spec.cell(cid).describe()}: {msg}" for cid, msg in failed))
     return summary
+
+
+def _up_to_date(cell) -> bool:
+    """Every stage of the cell is in the artifact store and its MLflow run exists: nothing to do."""
+    from flows.cell import cached_stages
+
+    if os.environ.get("LOSA_FRESH_RUNS") == "1":
+        return False
+    spec = cell_spec(cell, as_task=False)
+    return cached_stages(spec)[1] and tracking.find_cell_run(cell_key(spec)) is not None
 
 
 def grid_results(spec: Grid):
@@ -113,17 +127,23 @@ def losa_tables(grid: str = "testbed", parent_run_id: str | None = None, out_dir
     out.mkdir(parents=True, exist_ok=True)
     frame, _ = grid_results(spec)
     published = pd.DataFrame([p.model_dump() for p in spec.published]) if spec.published else None
-    tables = build_tables(spec.table, frame, published)
+    layouts = [spec.table] + [extra for extra, present in (("ablation", (frame.ablate != "").any()),)
+                              if present and extra != spec.table]
+    tables = {name: table for layout in layouts for name, table in build_tables(layout, frame, published).items()}
     write_tables(tables, out, title=spec.description)
     frame.to_csv(out / "results.csv", index=False)
     frame.to_parquet(out / "results.parquet", index=False)
     plot_ppl_vs_sparsity(frame, out / "ppl_vs_sparsity.png")
+    mlflow = tracking.setup()
+    client = mlflow.tracking.MlflowClient()
     for row in frame[frame.method == "losa"].dropna(subset=["run_id"]).itertuples():
         report = tracking.cell_report(row.run_id)
-        plot_allocation(report, out / f"allocation_{row.cell_id}.png")
-        plot_lsr(report, out / f"cka_errors_{row.cell_id}.png")
+        logged = {a.path for a in client.list_artifacts(row.run_id, "plots")}
+        for plot, name in ((plot_allocation, "allocation"), (plot_lsr, "cka_errors")):
+            path = plot(report, out / f"{name}_{row.cell_id}.png")
+            if f"plots/{path.name}" not in logged:  # on the cell's own run too, once
+                client.log_artifact(row.run_id, str(path), artifact_path="plots")
     if parent_run_id:
-        mlflow = tracking.setup()
         with mlflow.start_run(run_id=parent_run_id):
             mlflow.log_artifacts(str(out), artifact_path="tables")
     print(results_markdown(tables, title=spec.description))

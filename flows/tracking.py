@@ -94,13 +94,7 @@ def log_cell(key: str, grid: str, cell: Any, report: dict, parent_run_id: str | 
         mlflow.log_dict(report["config"], "config.json")
         steps = [{k: s[k] for k in ("t", "theta", "omega", "rates", "patterns", "errors", "ranks", "applied_ranks",
                                     "importance", "cka")} for s in report["steps"]]
-        mlflow.log_dict(steps, "steps.json")
-        if cell.config.method == "losa" and report["steps"]:
-            from flows.tables import plot_allocation, plot_lsr
-
-            with tempfile.TemporaryDirectory(dir=state_dir()) as tmp:
-                mlflow.log_artifact(str(plot_allocation(report, Path(tmp) / "allocation.png")))
-                mlflow.log_artifact(str(plot_lsr(report, Path(tmp) / "cka_errors.png")))
+        mlflow.log_dict(steps, "steps.json")  # plots of these: losa-tables adds them to this run
         return run.info.run_id
 
 
