@@ -311,7 +311,12 @@ def _launch(args) -> int:
         service.up()
     cmd = [str(Path(sys.executable).with_name("prefect")), "deployment", "run", f"losa-grid/{spec.name}", "--watch"]
     print("$ " + " ".join(cmd[1:]), flush=True)
-    rc = subprocess.run(cmd, env={**os.environ, **service.service_env()}, cwd=PROJECT_ROOT).returncode
+    stop = _follow_worker_logs(service.state_dir() / "logs")  # the cells' one-line results, as they finish
+    try:
+        rc = subprocess.run(cmd, env={**os.environ, **service.service_env()}, cwd=PROJECT_ROOT,
+                            stdout=subprocess.DEVNULL if not args.events else None).returncode
+    finally:
+        stop()
     out = service.state_dir() / "outputs" / spec.name
     if (out / "tables.md").exists():
         print((out / "tables.md").read_text())
@@ -319,6 +324,37 @@ def _launch(args) -> int:
     print(f"Prefect UI {service.base_url()} (stop with `losa down`); MLflow: .venv/bin/mlflow ui "
           f"--backend-store-uri sqlite:///{service.state_dir() / 'mlflow.db'}")
     return rc
+
+
+def _follow_worker_logs(folder: Path):
+    """Print the grid's progress lines from the workers' logs while a deployment runs; returns a stop function."""
+    import re
+    import threading
+    import time
+
+    wanted = re.compile(r" - (grid |.*: ppl |\d+ cells up to date|.*cells failed)")
+    offsets = {p: p.stat().st_size for p in folder.glob("worker-*.log")}
+    done = threading.Event()
+
+    def follow() -> None:
+        while not done.wait(1.0):
+            for p in folder.glob("worker-*.log"):
+                with open(p, errors="replace") as f:
+                    f.seek(offsets.get(p, 0))
+                    for line in f:
+                        if wanted.search(line):
+                            print("  " + line.rstrip(), flush=True)
+                    offsets[p] = f.tell()
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        time.sleep(1.5)  # let the last lines arrive
+        done.set()
+        thread.join()
+
+    return stop
 
 
 def _down(args) -> int:
@@ -412,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     la = sub.add_parser("launch", help="run a grid through the deployment path (server, worker, "
                         "`prefect deployment run losa-grid/<grid>`), then show its tables")
     la.add_argument("grid", nargs="?", default="testbed")
+    la.add_argument("--events", action="store_true", help="also show Prefect's event stream (--watch)")
     la.set_defaults(func=_launch)
     d = sub.add_parser("down", help="stop what `losa up` started")
     d.set_defaults(func=_down)
