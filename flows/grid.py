@@ -15,6 +15,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows import tracking
@@ -85,7 +86,10 @@ def losa_grid(grid: str = "testbed", concurrency: int = 1, dispatch: str = "loca
     elif concurrency > 1:
         states = _pooled.with_options(task_runner=ProcessPoolTaskRunner(max_workers=concurrency))(ref, ids, parent)
     else:
-        states = [losa_cell(ref, cid, parent, return_state=True) for cid in ids]
+        # cells run inside this flow run, whose heartbeat covers them; a heartbeat thread per cell would cost up to
+        # 1 s each at exit (Prefect joins it at 1 s granularity), longer than many testbed stages
+        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            states = [losa_cell(ref, cid, parent, return_state=True) for cid in ids]
     failed = [(cid, s.message) for cid, s in zip(ids, states) if not s.is_completed()]
     summary = {"grid": spec.name, "cells": len(cells), "failed": [cid for cid, _ in failed], "parent_run_id": parent}
     if tables:

@@ -167,7 +167,7 @@ def calibration(cell: CellSpec, _key: str = "", _store: ArtifactStore | None = N
 
     clock, cfg = _clock(), cell.config
     ids = data.calibration_windows(_tokenizer(cell.model), cfg.nsamples, cfg.seqlen, seed=cfg.seed)
-    return _store.put("calibration", _key, {"shape": list(ids.shape)}, {"ids": ids}, seconds=clock())
+    return _store.put("calibration", _key, {"shape": list(ids.shape)}, {"ids": ids}, seconds=clock)
 
 
 @stage_task("train_tokens")
@@ -177,7 +177,7 @@ def train_tokens(cell: CellSpec, _key: str = "", _store: ArtifactStore | None = 
 
     clock = _clock()
     ids = token_stream(_tokenizer(cell.model))
-    return _store.put("train_tokens", _key, {"tokens": int(ids.numel())}, {"ids": ids}, seconds=clock())
+    return _store.put("train_tokens", _key, {"tokens": int(ids.numel())}, {"ids": ids}, seconds=clock)
 
 
 @stage_task("dense_outputs")
@@ -187,7 +187,7 @@ def dense_outputs(cell: CellSpec, calib: Ref, _key: str = "", _store: ArtifactSt
     stages = _open(cell, _model_ref(cell), calib)
     out = stages.dense_outputs()
     tensors = {f"{b}.{k}": y for b, block in enumerate(out) for k, y in enumerate(block)}
-    return _store.put("dense_outputs", _key, {"blocks": len(out), "batches": len(out[0])}, tensors, seconds=clock())
+    return _store.put("dense_outputs", _key, {"blocks": len(out), "batches": len(out[0])}, tensors, seconds=clock)
 
 
 @stage_task("importance")
@@ -195,7 +195,7 @@ def importance(cell: CellSpec, state: Ref, calib: Ref, _key: str = "", _store: A
     """LSR's CKA matrix and layer importances of the merged model (method.md §2)."""
     clock = _clock()
     cka, imp = _open(cell, state, calib).importance(0)
-    return _store.put("importance", _key, {"cka": cka, "importance": imp}, seconds=clock())
+    return _store.put("importance", _key, {"cka": cka, "importance": imp}, seconds=clock)
 
 
 @stage_task("prune")
@@ -210,7 +210,7 @@ def prune(cell: CellSpec, state: Ref, calib: Ref, reference: Ref | None, rates: 
         info = reference.info
         ref = [[y[f"{b}.{k}"] for k in range(info["batches"])] for b in range(info["blocks"])]
     _, report = stages.prune(0, rates, patterns, ref)
-    return _put(_store, "prune", _key, report, stages.model, adapter=False, seconds=clock())
+    return _put(_store, "prune", _key, report, stages.model, adapter=False, seconds=clock)
 
 
 @stage_task("finetune")
@@ -225,7 +225,7 @@ def finetune(cell: CellSpec, pruned: Ref, previous: Ref | None, tokens: Ref | No
         handle = stages.merge(0)
         _load_weights(stages.base, _store.tensors(pruned)[0])
     _, info = stages.finetune(handle, previous, ranks, t)
-    return _put(_store, "finetune", _key, info, stages.model, seconds=clock())
+    return _put(_store, "finetune", _key, info, stages.model, seconds=clock)
 
 
 @stage_task("lora")
@@ -234,7 +234,7 @@ def lora(cell: CellSpec, pruned: Ref, tokens: Ref | None, _key: str = "", _store
     clock = _clock()
     stages = _open(cell, pruned, tokens=tokens)
     _, info = stages.lora(0)
-    return _put(_store, "lora", _key, info, stages.model, seconds=clock())
+    return _put(_store, "lora", _key, info, stages.model, seconds=clock)
 
 
 @stage_task("merge")
@@ -243,7 +243,7 @@ def merge(cell: CellSpec, state: Ref, _key: str = "", _store: ArtifactStore | No
     clock = _clock()
     stages = _open(cell, state)
     stages.merge(0)
-    return _put(_store, "merge", _key, {}, stages.model, adapter=False, seconds=clock())
+    return _put(_store, "merge", _key, {}, stages.model, adapter=False, seconds=clock)
 
 
 @stage_task("finalize")
@@ -253,7 +253,7 @@ def finalize(cell: CellSpec, state: Ref, patterns: list[str], _key: str = "",
     clock = _clock()
     stages = _open(cell, state)
     _, info = stages.finalize(0, patterns)
-    return _put(_store, "finalize", _key, info, stages.model, adapter=False, seconds=clock())
+    return _put(_store, "finalize", _key, info, stages.model, adapter=False, seconds=clock)
 
 
 @stage_task("perplexity")
@@ -261,7 +261,7 @@ def perplexity(cell: CellSpec, state: Ref, _key: str = "", _store: ArtifactStore
     """WikiText-2 perplexity of the state (with its adapter, if it has one)."""
     clock = _clock()
     ppl = _open(cell, state).perplexity(0)
-    return _store.put("perplexity", _key, {"ppl": ppl}, seconds=clock())
+    return _store.put("perplexity", _key, {"ppl": ppl}, seconds=clock)
 
 
 def _model_ref(cell: CellSpec) -> Ref:

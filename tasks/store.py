@@ -16,7 +16,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +83,11 @@ class ArtifactStore:
         return Ref(stage=manifest["stage"], key=key, sha256=manifest["sha256"], info=manifest["info"])
 
     def put(self, stage: str, key: str, info: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None,
-            metadata: Mapping[str, str] | None = None, seconds: float | None = None) -> Ref:
-        """Store an artifact; tensors are written first, the manifest commits it. Logs the computation."""
+            metadata: Mapping[str, str] | None = None, seconds: float | Callable[[], float] | None = None) -> Ref:
+        """Store an artifact; tensors are written first, the manifest commits it. Logs the computation.
+
+        ``seconds``: the stage's time, or a clock read after the tensors are written (writing is part of a stage).
+        """
         self.fs.makedirs(self._dir(key), exist_ok=True)
         info = json.loads(json.dumps(dict(info)))  # JSON types only (tuples -> lists), as a reader will see them
         if tensors is not None:
@@ -93,6 +96,8 @@ class ArtifactStore:
             self._write(f"{self._dir(key)}/tensors.safetensors", payload)
         else:
             sha = digest(info)
+        if callable(seconds):
+            seconds = seconds()
         manifest = {"stage": stage, "key": key, "sha256": sha, "info": info, "has_tensors": tensors is not None,
                     "created": time.time(), "seconds": seconds}
         self._write(f"{self._dir(key)}/manifest.json", json.dumps(manifest, indent=1).encode())
