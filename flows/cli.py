@@ -8,14 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from tasks.state import PROJECT_ROOT, state_dir
 DEFAULT_MODEL = PROJECT_ROOT / "testbed" / "model"
 DEFAULT_RECIPE = PROJECT_ROOT / "testbed" / "recipe.json"
-
-
-def state_dir() -> Path:
-    """The project state folder, read when used: ``$LOSA_HOME`` or ``<repo>/.state``."""
-    return Path(os.environ.get("LOSA_HOME", PROJECT_ROOT / ".state"))
 
 
 def _state_env() -> None:
@@ -274,11 +269,11 @@ def _check(args) -> int:
 
 
 def _tables(args) -> int:
-    spec = _grid_or_exit(args.grid, "tables")
+    _grid_or_exit(args.grid, "tables")
     _prefect_env()
     from flows.grid import losa_tables
 
-    losa_tables(spec.name if spec.path and spec.path.parent.name == "experiments" else args.grid, out_dir=args.out)
+    losa_tables(args.grid, out_dir=args.out)
     return 0
 
 
@@ -311,18 +306,18 @@ def _launch(args) -> int:
         service.up()
     cmd = [str(Path(sys.executable).with_name("prefect")), "deployment", "run", f"losa-grid/{spec.name}", "--watch"]
     print("$ " + " ".join(cmd[1:]), flush=True)
-    stop = _follow_worker_logs(service.state_dir() / "logs")  # the cells' one-line results, as they finish
+    stop = _follow_worker_logs(state_dir() / "logs")  # the cells' one-line results, as they finish
     try:
         rc = subprocess.run(cmd, env={**os.environ, **service.service_env()}, cwd=PROJECT_ROOT,
                             stdout=subprocess.DEVNULL if not args.events else None).returncode
     finally:
         stop()
-    out = service.state_dir() / "outputs" / spec.name
+    out = state_dir() / "outputs" / spec.name
     if (out / "tables.md").exists():
         print((out / "tables.md").read_text())
         print(f"tables, plots and results of grid {spec.name}: {out}")
     print(f"Prefect UI {service.base_url()} (stop with `losa down`); MLflow: .venv/bin/mlflow ui "
-          f"--backend-store-uri sqlite:///{service.state_dir() / 'mlflow.db'}")
+          f"--backend-store-uri sqlite:///{state_dir() / 'mlflow.db'}")
     return rc
 
 

@@ -26,7 +26,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from tasks.state import PROJECT_ROOT, state_dir
 PREFECT_YAML = PROJECT_ROOT / "prefect.yaml"
 DEFAULT_PORT = 4200
 SERVER_TIMEOUT_S = 90.0
@@ -37,12 +37,6 @@ _CHILDREN: list[subprocess.Popen] = []  # keeps Popen objects alive (no "still r
 
 
 # ----------------------------------------------------------------------------------------------------------- paths/env
-def state_dir() -> Path:
-    """The project state folder: ``$LOSA_HOME`` or ``<repo>/.state`` (absolute)."""
-    home = os.environ.get("LOSA_HOME")
-    return Path(home).expanduser().resolve() if home else PROJECT_ROOT / ".state"
-
-
 def port() -> int:
     value = os.environ.get("LOSA_PREFECT_PORT", str(DEFAULT_PORT))
     try:

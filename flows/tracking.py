@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,6 @@ def log_cell(key: str, grid: str, cell: Any, report: dict, parent_run_id: str | 
         losses = [x for s in report["steps"] for x in s["train_losses"]]
         if losses:
             from mlflow.entities import Metric
-            import time
 
             now = int(time.time() * 1000)
             mlflow.tracking.MlflowClient().log_batch(

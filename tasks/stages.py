@@ -10,6 +10,7 @@ racing. Prefect persists only the returned :class:`~tasks.store.Ref` (a pointer 
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ from pydantic import BaseModel, ConfigDict
 from losa import METHOD_VERSION
 from losa.config import LosaConfig
 
-from .store import ArtifactStore, Ref, stage_key, state_dir
+from .state import artifacts_url, state_dir
+from .store import ArtifactStore, Ref, stage_key
 
 STAGE_VERSION = "1"  # bump with any change in this file that changes what a stage stores
 
@@ -64,7 +66,7 @@ def cache_key(stage: str, params: dict[str, Any]) -> str:
     inputs = {k: v for k, v in params.items() if isinstance(v, Ref)}
     inputs["model"] = cell.model_sha256
     # a cache record is only valid for the store its Ref points into
-    inputs["store"] = ArtifactStore().root
+    inputs["store"] = artifacts_url()
     return stage_key(stage, f"{METHOD_VERSION}/{STAGE_VERSION}", {**{f: cfg[f] for f in FIELDS[stage]}, **own},
                      inputs)
 
@@ -79,8 +81,6 @@ def stage_task(stage: str):
     def wrap(fn: Callable[..., Ref]):
         @functools.wraps(fn)
         def body(*args, **kwargs):
-            import inspect
-
             bound = inspect.signature(fn).bind(*args, **kwargs)
             bound.apply_defaults()
             key = cache_key(stage, {k: v for k, v in bound.arguments.items() if not k.startswith("_")})
@@ -106,8 +106,6 @@ def configured(stage_task):
 
 
 def _without_private(fn):
-    import inspect
-
     sig = inspect.signature(fn)
     return sig.replace(parameters=[p for n, p in sig.parameters.items() if not n.startswith("_")])
 

@@ -26,12 +26,7 @@ from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def state_dir() -> Path:
-    """The project state folder: ``$LOSA_HOME`` or ``<repo>/.state``."""
-    return Path(os.environ.get("LOSA_HOME", PROJECT_ROOT / ".state")).resolve()
+from .state import PROJECT_ROOT, artifacts_url, state_dir  # noqa: F401 - re-exported
 
 
 class Ref(BaseModel):
@@ -60,7 +55,7 @@ class ArtifactStore:
     """Artifacts under ``root/<key[:2]>/<key>/`` (``manifest.json`` + optional ``tensors.safetensors``)."""
 
     def __init__(self, root: str | os.PathLike | None = None):
-        root = root or os.environ.get("LOSA_ARTIFACTS") or str(state_dir() / "artifacts")
+        root = root or artifacts_url()
         self.fs, self.root = fsspec.core.url_to_fs(str(root))
         self.fs.makedirs(self.root, exist_ok=True)
 
