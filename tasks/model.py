@@ -9,29 +9,32 @@ from pathlib import Path
 
 from prefect import task
 
-from .store import PROJECT_ROOT, state_dir
+from .store import state_dir
 
-TESTBED = PROJECT_ROOT / "testbed" / "model"
 _MODEL_FILES = (".json", ".safetensors", ".bin", ".model", ".txt", ".tiktoken")
 
 
 def model_path(name: str) -> Path:
-    """``testbed`` -> the committed testbed; an existing folder -> itself; else a hub id (downloaded when online).
+    """``testbed`` -> the committed testbed; a packaged name (``smollm2-135m``, see :mod:`losa.zoo`) -> its
+    converted folder; an existing folder -> itself; else a hub id (downloaded when online).
 
     Raises:
-        FileNotFoundError: a hub id that is not in the local cache while ``HF_HUB_OFFLINE`` is set.
+        FileNotFoundError: a packaged model whose wheel is missing, or a hub id that is not in the local cache while
+            ``HF_HUB_OFFLINE`` is set.
     """
-    if name == "testbed":
-        return TESTBED
-    if Path(name).is_dir():
-        return Path(name).resolve()
+    from losa import zoo  # heavy package (torch): only when a model is actually resolved
+
+    local = zoo.model_folder(name)
+    if Path(local).is_dir():
+        return Path(local)
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"],
                                       local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1"))
     except Exception as err:  # noqa: BLE001 - the hub raises many kinds; one clear message for all
-        raise FileNotFoundError(f"model {name!r} is neither 'testbed', a local folder, nor reachable on the hub "
+        raise FileNotFoundError(f"model {name!r} is neither 'testbed', a packaged model ({', '.join(zoo.PACKAGED)}), "
+                                f"a local folder, nor reachable on the hub "
                                 f"({type(err).__name__}: {err})") from err
 
 
