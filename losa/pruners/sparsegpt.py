@@ -9,12 +9,32 @@ retried with 10x the damping instead of crashing.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from ..patterns import Pattern
 from ._select import select_mask
 
 MAX_CHOLESKY_RETRIES = 4
+SINGLE_THREAD_BELOW = 1 << 20  # elements per column update under which one thread is faster than a team
+
+
+@contextmanager
+def _sweep_threads(update_elements: int):
+    """Run the column sweep on one CPU thread when its per-column updates are small.
+
+    The sweep issues a few tiny ops per column (d_in columns per layer); with a thread team each op pays a
+    fork/join, and on a busy machine a spinning team is 5-10x slower than one thread (measured on SmolLM2's
+    1536 x 576 layers). Large layers (a 7B model's 11008-row updates) keep the team; CUDA is unaffected.
+    """
+    before = torch.get_num_threads()
+    if update_elements < SINGLE_THREAD_BELOW and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _inverse_cholesky(hessian: torch.Tensor, percdamp: float, stats: dict | None) -> torch.Tensor:
@@ -76,32 +96,33 @@ def sparsegpt_prune(
     Hinv = _inverse_cholesky(H, percdamp, stats)
     keep = torch.zeros_like(W, dtype=torch.bool)
 
-    for i1 in range(0, d_in, blocksize):
-        i2 = min(i1 + blocksize, d_in)
-        W1 = W[:, i1:i2].clone()  # (d_out, B)
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        hdiag = torch.diag(Hinv1)
-        if pattern.is_nm:
-            keep1 = torch.zeros_like(W1, dtype=torch.bool)  # filled group by group inside the sweep
-        else:
-            keep1 = select_mask(W1**2 / hdiag[None, :] ** 2, sparsity, pattern, per="matrix")
-        for i in range(i2 - i1):
-            if pattern.is_nm and i % pattern.m == 0:
-                # the group's mask uses the weights as updated by the sweep so far
-                score = W1[:, i : i + pattern.m] ** 2 / hdiag[None, i : i + pattern.m] ** 2
-                keep1[:, i : i + pattern.m] = select_mask(score, None, pattern)
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            q = torch.where(keep1[:, i], w, torch.zeros_like(w))
-            Q1[:, i] = q
-            err = (w - q) / d
-            W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        keep[:, i1:i2] = keep1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    with _sweep_threads(d_out * blocksize):
+        for i1 in range(0, d_in, blocksize):
+            i2 = min(i1 + blocksize, d_in)
+            # the sweep walks columns: keep them as contiguous rows (W1t[i] is column i1 + i of W)
+            W1t = W[:, i1:i2].T.contiguous()  # (B, d_out)
+            Err1t = torch.zeros_like(W1t)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            hdiag = torch.diag(Hinv1)
+            if pattern.is_nm:
+                keep1t = torch.zeros_like(W1t, dtype=torch.bool)  # filled group by group inside the sweep
+            else:
+                keep1t = select_mask((W1t**2 / hdiag[:, None] ** 2).T, sparsity, pattern, per="matrix").T.contiguous()
+            kept = keep1t.to(W1t.dtype)
+            for i in range(i2 - i1):
+                if pattern.is_nm and i % pattern.m == 0:
+                    # the group's mask uses the weights as updated by the sweep so far
+                    score = W1t[i : i + pattern.m] ** 2 / hdiag[i : i + pattern.m, None] ** 2
+                    keep1t[i : i + pattern.m] = select_mask(score.T, None, pattern).T
+                    kept[i : i + pattern.m] = keep1t[i : i + pattern.m].to(W1t.dtype)
+                w = W1t[i]
+                err = (w - w * kept[i]) / Hinv1[i, i]  # (w - q) / d with q = w kept, 0 pruned: bit for bit
+                W1t[i:] -= torch.outer(Hinv1[i, i:], err)
+                Err1t[i] = err
+            # a kept column ends as its updated value (its own err is 0), a pruned one is zeroed
+            W[:, i1:i2] = (W1t * kept).T
+            keep[:, i1:i2] = keep1t.T
+            W[:, i2:] -= Err1t.T @ Hinv[i1:i2, i2:]
 
     W[~keep] = 0  # exact zeros whatever the arithmetic above did
     return W.to(weight.dtype), keep
