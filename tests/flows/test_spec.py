@@ -15,9 +15,12 @@ from losa.config import LosaConfig
 from losa.finetune import FinetuneConfig
 
 SHIPPED = ["ablation", "nm", "seeds", "steps", "table1-ppl", "table2-zeroshot", "testbed", "testbed-ablation",
-           "testbed-nm", "testbed-seeds", "testbed-steps", "testbed-table1-ppl", "testbed-table2-zeroshot"]
+           "testbed-nm", "testbed-seeds", "testbed-steps", "testbed-table1-ppl", "testbed-table2-zeroshot",
+           "smollm2", "smollm2-table1-ppl", "smollm2-ablation", "smollm2-steps", "smollm2-nm", "smollm2-seeds"]
 TESTBED_BUDGET = dict(nsamples=32, seqlen=128, calib_batch_size=16, rmi_samples=16, train_steps=4,
                       final_train_steps=12, eval_seqlen=256, eval_batch_size=8, eval_windows=64)
+SMOLLM2_BUDGET = dict(nsamples=16, seqlen=128, calib_batch_size=16, rmi_samples=16, eval_seqlen=256,
+                      eval_batch_size=8, eval_windows=16)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +54,8 @@ def test_testbed_grids_use_the_cpu_budget_and_paper_grids_the_official_settings(
     for name, grid in grids.items():
         testbed = name.startswith("testbed")
         assert (grid.models == ["testbed"]) == testbed, name
+        if name.startswith("smollm2"):
+            continue  # the real model's CPU budget: test_smollm2_grids_share_one_budget
         assert not (testbed and grid.published), "no published numbers exist for the testbed"
         for c in grid.cells():
             if testbed:
@@ -61,6 +66,33 @@ def test_testbed_grids_use_the_cpu_budget_and_paper_grids_the_official_settings(
                 assert c.config.eval_seqlen == (2048 if c.model == "facebook/opt-6.7b" else 4096)
                 if c.config.method == "losa" and name != "steps":
                     assert c.config.steps == 5
+
+
+def test_smollm2_grids_share_one_budget(grids):
+    """Every smollm2 grid has the same calibration / evaluation budget and 20 optimiser steps of 4 x 128 tokens per
+    fine-tuned cell (however T splits them), so cells shared between grids are computed once."""
+    smol = {n: g for n, g in grids.items() if n.startswith("smollm2")}
+    assert len(smol) >= 6
+    ft = {(c.config.finetune.batch_size, c.config.finetune.seqlen, c.config.finetune.lr)
+          for g in smol.values() for c in g.cells()}
+    assert len(ft) == 1, ft
+    for name, grid in smol.items():
+        assert grid.models == ["smollm2-135m"] and not grid.published, name
+        for c in grid.cells():
+            assert {k: getattr(c.config, k) for k in SMOLLM2_BUDGET} == SMOLLM2_BUDGET, c.describe()
+            if c.config.method in ("lora", "losa"):
+                cfg = c.config
+                assert (cfg.steps - 1) * cfg.train_steps + cfg.final_train_steps == 20, c.describe()
+    main = smol["smollm2"].cells()
+    assert Counter(c.label for c in main) == {"dense": 1, "pruned": 4, "+LoRA": 4, "+LoSA": 4, "-LSR": 2,
+                                              "-SRA": 2, "-DSA": 2}
+    seeds = Counter(c.config.seed for c in smol["smollm2-seeds"].cells() if c.config.method != "dense")
+    assert seeds == {0: 12, 1: 12, 2: 12}
+    # the cells of the main job are the seed-0 cells of the other grids: one computation each
+    main_ids = {c.id for c in main}
+    for name in ("smollm2-ablation", "smollm2-seeds"):
+        shared = {c.id for c in smol[name].cells() if c.config.seed == 0 and c.config.sparsity == 0.7}
+        assert shared <= main_ids, name
 
 
 def test_testbed_grid_rows(grids):
