@@ -15,9 +15,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 .PHONY: install run test bench down
 install: $(VENV)/.installed
 
-# the main job: the testbed grid through the deployment path (local Prefect server + worker), then its tables
+# the main job: the paper's main comparison on SmolLM2-135M through the deployment path (local Prefect server +
+# worker), then its tables; `losa launch testbed` is the same on the small test fixture
 run: $(VENV)/.installed
-	$(VENV)/bin/losa launch testbed
+	$(VENV)/bin/losa launch smollm2
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest

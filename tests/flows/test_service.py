@@ -16,7 +16,8 @@ from flows import service
 
 ROOT = Path(__file__).resolve().parents[2]
 GRIDS = {"testbed", "testbed-table1-ppl", "testbed-table2-zeroshot", "testbed-nm", "testbed-ablation", "testbed-steps",
-         "testbed-seeds", "table1-ppl", "table2-zeroshot", "nm", "ablation", "steps", "seeds"}
+         "testbed-seeds", "table1-ppl", "table2-zeroshot", "nm", "ablation", "steps", "seeds",
+         "smollm2", "smollm2-table1-ppl", "smollm2-ablation", "smollm2-steps", "smollm2-nm", "smollm2-seeds"}
 ENTRYPOINT = re.compile(r"^flows/(\w+)\.py:(\w+)$")
 
 
