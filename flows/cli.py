@@ -291,6 +291,15 @@ def _tables(args) -> int:
     return 0
 
 
+def _claims(args) -> int:
+    from flows.claims import write_report
+
+    path = write_report(args.prefix, Path(args.out) if args.out else None)
+    print(path.read_text())
+    print(f"written to {path}")
+    return 0
+
+
 def _baseline(args) -> int:
     _grid_or_exit(args.grid, "baseline")
     from flows.grid import write_baseline
@@ -446,6 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("grid", nargs="?", default="testbed")
     t.add_argument("--out", default=None, help="output folder (default: $LOSA_HOME/outputs/<grid>)")
     t.set_defaults(func=_tables)
+
+    cl = sub.add_parser("claims", help="check the paper's claims on a model's grids (<prefix>-seeds, -steps, -nm, "
+                        "-table1-ppl) from MLflow; writes docs/<prefix>-claims.md")
+    cl.add_argument("prefix", nargs="?", default="smollm2")
+    cl.add_argument("--out", default=None, help="report path (default: docs/<prefix>-claims.md)")
+    cl.set_defaults(func=_claims)
 
     bl = sub.add_parser("baseline", help="record a grid's current results as its regression baseline")
     bl.add_argument("grid", nargs="?", default="testbed")
