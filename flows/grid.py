@@ -56,6 +56,9 @@ def dispatch_cell(grid: str, cell_id: str, parent_run_id: str | None, deployment
     return run.state.name
 
 
+_COST_ORDER = {"dense": 0, "pruned": 1, "lora": 2, "losa": 3}
+
+
 @flow(name="losa-grid", log_prints=True)
 def losa_grid(grid: str = "testbed", concurrency: int = 1, dispatch: str = "local",
               deployment: str = "losa-cell/losa-cell", tables: bool = True) -> dict:
@@ -74,7 +77,8 @@ def losa_grid(grid: str = "testbed", concurrency: int = 1, dispatch: str = "loca
     cells = spec.cells()
     parent = tracking.start_grid(spec.name, len(cells))  # also creates the MLflow database before any fan-out
     logger.info(f"grid {spec.name}: {len(cells)} cells, MLflow parent run {parent}")
-    ids = [c.id for c in cells if not _up_to_date(c)]
+    # cheap cells first (dense, then pruned only), so the first rows of a table are on screen within minutes
+    ids = [c.id for c in sorted(cells, key=lambda c: _COST_ORDER[c.config.method]) if not _up_to_date(c)]
     if len(ids) < len(cells):
         logger.info(f"{len(cells) - len(ids)} cells up to date (every stage cached, run logged): not rerun")
     if not ids:
