@@ -159,10 +159,13 @@ def to_device(obj, device):
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """Load a causal LM and its tokenizer from a local folder (or a hub id when online).
 
-    ``dtype`` defaults to fp32 on CPU (bf16 matmuls are slow and imprecise there) and fp16 on CUDA.
+    ``device="auto"``: CUDA when available, else the CPU. ``dtype`` defaults to fp32 on CPU (bf16 matmuls are slow
+    and imprecise there) and fp16 on CUDA.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32

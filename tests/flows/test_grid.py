@@ -199,7 +199,7 @@ def test_staged_equals_in_memory(first):
     from flows.cell import cell_spec
     from losa.dsa import run_losa
     from losa.models import load_model
-    from losa.stages import snapshot
+    from losa.snapshot import snapshot
     from tasks.store import ArtifactStore
 
     cell = by_method(first.grid)["losa"]
@@ -222,7 +222,7 @@ def test_staged_equals_in_memory(first):
 def test_failed_cell_fails_the_grid_and_rerun_resumes(losa_env, tmp_path, monkeypatch):
     from flows.cell import cell_spec
     from flows.grid import losa_grid
-    from losa.stages import LocalStages
+    import losa.stages
     from tasks.store import ArtifactStore, state_dir
 
     monkeypatch.setenv("LOSA_HOME", str(tmp_path / "state"))
@@ -240,7 +240,7 @@ def test_failed_cell_fails_the_grid_and_rerun_resumes(losa_env, tmp_path, monkey
         raise RuntimeError("injected fine-tuning failure")
 
     with monkeypatch.context() as m:
-        m.setattr(LocalStages, "finetune", boom)
+        m.setattr(losa.stages, "finetune", boom)
         state = losa_grid(str(path), return_state=True)
     assert state.is_failed()
     assert methods["losa"].describe() in state.message and "1 of 2 cells failed" in state.message
