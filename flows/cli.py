@@ -369,7 +369,7 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-windows", type=int, default=None, help="score only the first N windows (quick checks)")
     p.add_argument("--calib-batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -448,15 +448,6 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("down", help="stop what `losa up` started")
     d.set_defaults(func=_down)
     return p
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError
 
 from losa.config import LosaConfig
-from losa.finetune import FinetuneConfig
+from losa.config import FinetuneConfig
 from losa.patterns import Pattern
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

@@ -9,12 +9,27 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .finetune import FinetuneConfig
-from .layer_sparsity import DEFAULT_DELTA_BANDS, delta_for
 from .patterns import Pattern
+from .schedule import DEFAULT_DELTA_BANDS, delta_for
 
 Method = Literal["dense", "pruned", "lora", "losa"]
 Ablation = Literal["lsr", "sra", "dsa"]
+
+
+class FinetuneConfig(BaseModel):
+    """Optimisation settings of one fine-tuning run (official LoSA defaults)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lr: float = Field(2e-4, gt=0)
+    warmup_ratio: float = Field(0.3, ge=0, le=1)
+    weight_decay: float = Field(0.001, ge=0)
+    max_grad_norm: float = Field(0.3, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    seqlen: int = Field(256, ge=2)
+    optimizer: str = "auto"  # "auto": paged 8-bit AdamW on CUDA when bitsandbytes is installed, else torch AdamW
+
 
 DEFAULT_BETA = {"wanda": 1.0, "sparsegpt": 100.0, "magnitude": 1.0}  # official: 1 with Wanda, 100 with SparseGPT
 
