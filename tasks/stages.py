@@ -1,6 +1,7 @@
-"""One Prefect task per LoSA stage. Each restores its inputs, calls ONE ``losa`` function, stores its artifact.
+"""One Prefect task per LoSA stage. Each loads a fresh model, restores its inputs (:mod:`losa.snapshot`), calls ONE
+:mod:`losa.stages` function and stores its result as an artifact; it knows nothing of the in-memory executor.
 
-Every task declares its cache key (``KEYS``): the stage name and version, the config fields the stage reads, its
+Every task's cache key (:func:`cache_key`) holds the stage name and version, the config fields the stage reads, its
 own parameters, and the content hashes of its input artifacts. The same key addresses the artifact store, so a
 stage whose artifact exists is never recomputed, whether Prefect's cache record survived or not. SERIALIZABLE
 isolation (a file lock per key) makes concurrent cells that need the same stage wait for one computation instead of
