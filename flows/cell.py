@@ -15,6 +15,8 @@ from prefect import flow, get_run_logger
 from flows import tracking
 from flows.spec import Cell, load_grid
 from losa import METHOD_VERSION
+from losa.calibration import PruneReport
+from losa.stages import Finalized, Importance, Trained
 from tasks import stages as T
 from tasks.model import resolve_model
 from tasks.stages import STAGE_VERSION, CellSpec
@@ -38,34 +40,33 @@ class TaskStages:
         return T.configured(stage)(cell=self.cell, **params)
 
     def dense(self) -> Ref:
-        return T._model_ref(self.cell)
+        return T.model_ref(self.cell)
 
     def dense_outputs(self) -> Ref:
         return self._call(T.dense_outputs, calib=self.calib)
 
-    def importance(self, state: Ref):
-        ref = self._call(T.importance, state=state, calib=self.calib)
-        return ref.info["cka"], ref.info["importance"]
+    def importance(self, state: Ref) -> Importance:
+        return Importance(**self._call(T.importance, state=state, calib=self.calib).info)
 
-    def prune(self, state: Ref, rates, patterns, reference: Ref | None):
+    def prune(self, state: Ref, rates, patterns, reference: Ref | None) -> tuple[Ref, PruneReport]:
         ref = self._call(T.prune, state=state, calib=self.calib, reference=reference, rates=list(rates),
                          patterns=list(patterns))
-        return ref, ref.info
+        return ref, PruneReport.from_dict(ref.info)
 
-    def finetune(self, pruned: Ref, previous: Ref | None, ranks, t: int):
+    def finetune(self, pruned: Ref, previous: Ref | None, ranks, t: int) -> tuple[Ref, Trained]:
         ref = self._call(T.finetune, pruned=pruned, previous=previous, tokens=self.tokens, ranks=list(ranks), t=t)
-        return ref, ref.info
+        return ref, Trained(**ref.info)
 
-    def lora(self, pruned: Ref):
+    def lora(self, pruned: Ref) -> tuple[Ref, Trained]:
         ref = self._call(T.lora, pruned=pruned, tokens=self.tokens)
-        return ref, ref.info
+        return ref, Trained(**ref.info)
 
     def merge(self, state: Ref) -> Ref:
         return self._call(T.merge, state=state)
 
-    def finalize(self, state: Ref, patterns):
+    def finalize(self, state: Ref, patterns) -> tuple[Ref, Finalized]:
         ref = self._call(T.finalize, state=state, patterns=list(patterns))
-        return ref, ref.info
+        return ref, Finalized(**ref.info)
 
     def perplexity(self, state: Ref) -> float:
         return self._call(T.perplexity, state=state).info["ppl"]

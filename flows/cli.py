@@ -7,8 +7,11 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import get_args
 
+from losa.config import ABLATIONS, METHODS, PRUNERS, Propagation
 from tasks.state import PROJECT_ROOT, state_dir
+
 DEFAULT_MODEL = PROJECT_ROOT / "testbed" / "model"
 DEFAULT_RECIPE = PROJECT_ROOT / "testbed" / "recipe.json"
 
@@ -170,30 +173,26 @@ def _table(args) -> int:
     return 0
 
 
+_RUN_OPTIONS = ("method", "pruner", "sparsity", "pattern", "ablate", "steps", "nsamples", "seqlen", "eval_seqlen",
+                "eval_windows", "seed", "train_steps", "final_train_steps", "physical_rank")  # LosaConfig fields
+
+
 def _run(args) -> int:
-    from pydantic import ValidationError
-
+    from flows.spec import GridSpecError, make_cell
     from losa import data
-    from losa.config import LosaConfig
 
-    overrides = {k: v for k, v in {
-        "method": args.method, "pruner": args.pruner, "sparsity": args.sparsity, "pattern": args.pattern,
-        "ablate": tuple(args.ablate or ()), "steps": args.steps, "nsamples": args.nsamples, "seqlen": args.seqlen,
-        "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows, "seed": args.seed,
-        "train_steps": args.train_steps, "final_train_steps": args.final_train_steps, "physical_rank": args.physical_rank,
-    }.items() if v is not None}
+    settings = {k: getattr(args, k) for k in _RUN_OPTIONS if getattr(args, k) is not None}
     try:
-        if overrides.get("pattern", "").count(":") and "sparsity" not in overrides:
-            from losa import Pattern
-
-            overrides["sparsity"] = Pattern.parse(overrides["pattern"].removeprefix("mixed-")).sparsity
-        cfg = LosaConfig(**overrides)
+        # the path every grid cell takes: canonical, validated once, errors naming the option
+        cfg = make_cell(args.model, settings, "losa run", {k: f"--{k.replace('_', '-')}" for k in settings}).config
         data.require(data.C4_CALIBRATION, data.WIKITEXT2_TEST,
                      *([data.ALPACA] if cfg.train_data == "alpaca" else [data.C4_CALIBRATION]))
         from transformers import AutoConfig
 
         AutoConfig.from_pretrained(_resolve_model(args))
-    except (ValidationError, ValueError, OSError) as err:
+    except GridSpecError as err:
+        raise SystemExit(str(err)) from None
+    except (ValueError, OSError) as err:
         raise SystemExit(f"losa run: {err}") from None
 
     from rich.console import Console
@@ -309,6 +308,7 @@ def _baseline(args) -> int:
 
 
 def _up(args) -> int:
+    _prefect_env()
     from flows import service
 
     info = service.up(workers=args.workers, gpu_workers=args.gpu_workers)
@@ -323,6 +323,7 @@ def _launch(args) -> int:
     import subprocess
 
     spec = _grid_or_exit(args.grid, "launch")
+    _prefect_env()
     from flows import service
 
     if f"losa-grid/{spec.name}" not in service.deployments() or not service.healthy():
@@ -376,6 +377,7 @@ def _follow_worker_logs(folder: Path):
 
 
 def _down(args) -> int:
+    _prefect_env()
     from flows import service
 
     stopped = service.down()
@@ -393,7 +395,7 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-windows", type=int, default=None, help="score only the first N windows (quick checks)")
     p.add_argument("--calib-batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -414,17 +416,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--sparsity", default=None, help="one rate, or one per block separated by commas "
                     "(default 0.5; implied by an N:M pattern)")
     pr.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M with N kept, e.g. 2:4")
-    pr.add_argument("--propagation", choices=("pruned", "dense"), default="pruned")
+    pr.add_argument("--propagation", choices=get_args(Propagation), default="pruned")
     pr.add_argument("--json", default=None, help="also write the report here")
     pr.set_defaults(func=_prune)
 
     run = sub.add_parser("run", help="one LoSA cell: dense, pruned, +LoRA or LoSA (with ablations)")
     _common_model_args(run)
-    run.add_argument("--method", choices=("dense", "pruned", "lora", "losa"), default=None)
-    run.add_argument("--pruner", choices=("magnitude", "wanda", "sparsegpt"), default=None)
+    run.add_argument("--method", choices=METHODS, default=None)
+    run.add_argument("--pruner", choices=PRUNERS, default=None)
     run.add_argument("--sparsity", type=float, default=None)
     run.add_argument("--pattern", default=None, help="unstructured, N:M, or mixed-N:M")
-    run.add_argument("--ablate", action="append", choices=("lsr", "sra", "dsa"))
+    run.add_argument("--ablate", action="append", choices=ABLATIONS)
     run.add_argument("--steps", type=int, default=None, help="T")
     run.add_argument("--train-steps", type=int, default=None, help="optimiser steps per DSA step 1..T-1")
     run.add_argument("--final-train-steps", type=int, default=None, help="optimiser steps at step T / for LoRA")
@@ -478,15 +480,6 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("down", help="stop what `losa up` started")
     d.set_defaults(func=_down)
     return p
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -127,8 +127,8 @@ def losa_tables(grid: str = "testbed", parent_run_id: str | None = None, out_dir
     """Tables (Markdown, CSV, parquet, LaTeX) and plots of a grid from MLflow, in the grid's paper layout."""
     import pandas as pd
 
-    from flows.tables import (build_tables, plot_allocation, plot_lsr, plot_ppl_vs_sparsity, results_markdown,
-                              write_tables)
+    from flows.plots import cell_plot_name, plot_allocation, plot_lsr, plot_ppl_vs_sparsity
+    from flows.tables import build_tables, results_markdown, write_tables
 
     spec = load_grid(grid)
     out = Path(out_dir) if out_dir else outputs_dir(spec.name)
@@ -144,11 +144,15 @@ def losa_tables(grid: str = "testbed", parent_run_id: str | None = None, out_dir
     plot_ppl_vs_sparsity(frame, out / "ppl_vs_sparsity.png")
     mlflow = tracking.setup()
     client = mlflow.tracking.MlflowClient()
-    for row in frame[frame.method == "losa"].dropna(subset=["run_id"]).itertuples():
+    losa = frame[frame.method == "losa"].dropna(subset=["run_id"])
+    names = {cid: spec.cell(cid).describe() for cid in losa.cell_id}
+    clash = {n for n in names.values() if list(names.values()).count(n) > 1}  # cells alike but for unnamed settings
+    for row in losa.itertuples():
         report = tracking.cell_report(row.run_id)
         logged = {a.path for a in client.list_artifacts(row.run_id, "plots")}
+        name_of = names[row.cell_id] + (f" {row.cell_id}" if names[row.cell_id] in clash else "")
         for plot, name in ((plot_allocation, "allocation"), (plot_lsr, "cka_errors")):
-            path = plot(report, out / f"{name}_{row.cell_id}.png")
+            path = plot(report, out / cell_plot_name(name, name_of))
             if f"plots/{path.name}" not in logged:  # on the cell's own run too, once
                 client.log_artifact(row.run_id, str(path), artifact_path="plots")
     if parent_run_id:

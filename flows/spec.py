@@ -13,24 +13,19 @@ import itertools
 import json
 import typing
 from collections.abc import Mapping
-from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from losa.config import LosaConfig
-from losa.finetune import FinetuneConfig
-from losa.patterns import Pattern
+from losa.config import FinetuneConfig, LosaConfig, Method, Pruner, SettingsConflict, canonical_pattern, label
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 GRIDS_DIR = PROJECT_ROOT / "experiments"
 
-Table = Literal["table1", "zeroshot", "nm", "ablation", "steps", "seeds"]
-ABLATION_ORDER = ("lsr", "sra", "dsa")
+Layout = Literal["table1", "zeroshot", "nm", "ablation", "steps", "seeds"]  # the paper table layouts (flows.tables)
 NESTED = {"finetune": FinetuneConfig}  # LosaConfig fields that are models themselves
-DENSE_IGNORES = ("pruner", "pattern", "ablate")  # reset to LosaConfig defaults (plus sparsity 0, steps 1)
 
 
 class GridSpecError(ValueError):
@@ -47,8 +42,8 @@ class Published(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str
-    method: Literal["dense", "pruned", "lora", "losa"]
-    pruner: str | None = None
+    method: Method
+    pruner: Pruner | None = None
     sparsity: float | None = None
     pattern: str = "unstructured"
     eval_seqlen: int
@@ -85,7 +80,7 @@ class Cell(BaseModel):
     @property
     def label(self) -> str:
         """Table row label: ``dense``, ``pruned``, ``+LoRA``, ``+LoSA``, or the ablations (``-LSR``, ``-LSR-SRA``)."""
-        return _label(self.config.method, self.config.ablate)
+        return self.config.label
 
     def params(self) -> dict[str, str]:
         """The flattened config as MLflow parameters: dotted keys for nested models, JSON text for non-strings."""
@@ -122,7 +117,7 @@ class Grid(BaseModel):
 
     name: str
     description: str = ""
-    table: Table = "table1"
+    table: Layout = "table1"
     models: list[str] = Field(min_length=1)
     fixed: dict = {}
     per_model: dict[str, dict] = {}  # settings for one model only, over ``fixed`` (e.g. a shorter eval context)
@@ -269,7 +264,7 @@ def _expand(grid: Grid) -> list[Cell]:
 
     cells: dict[str, Cell] = {}
     for model, settings, origins in raw:
-        cell = _make_cell(model, _canonical(settings, origins, where), where)
+        cell = make_cell(model, settings, where, origins)
         cells.setdefault(cell.id, cell)
     out = list(cells.values())
     for i, p in enumerate(grid.published):
@@ -303,10 +298,13 @@ def _settings(entry: Mapping, path: str, where: str, allow_model: bool = False,
             sub = {tail: value} if tail else value
             for k, v in sub.items():
                 sub_at = at if tail else f"{at}.{k}"
-                values.setdefault(head, {})[k] = _value(NESTED[head], k, v, sub_at, where)
+                if k not in NESTED[head].model_fields:
+                    raise GridSpecError(f"{where}: {sub_at}: unknown setting; allowed keys: "
+                                        f"{', '.join(NESTED[head].model_fields)}")
+                values.setdefault(head, {})[k] = v
                 origins[f"{head}.{k}"] = sub_at
         elif key in LosaConfig.model_fields and not tail:
-            values[key] = _value(LosaConfig, key, value, at, where)
+            values[key] = value
             origins[key] = at
         else:
             raise GridSpecError(f"{where}: {at}: unknown setting; allowed keys: {', '.join(allowed)}")
@@ -315,40 +313,6 @@ def _settings(entry: Mapping, path: str, where: str, allow_model: bool = False,
 
 def _allowed_keys() -> list[str]:
     return list(LosaConfig.model_fields) + [f"{n}.{k}" for n, m in NESTED.items() for k in m.model_fields]
-
-
-def _value(model: type[BaseModel], key: str, value: Any, path: str, where: str) -> Any:
-    """One setting checked against its field (type, bounds, allowed values); returns the coerced value."""
-    if model.model_fields.get(key) is None:
-        raise GridSpecError(f"{where}: {path}: unknown setting; allowed keys: {', '.join(model.model_fields)}")
-    if model is LosaConfig and key == "pattern":
-        if isinstance(value, int):
-            raise GridSpecError(f"{where}: {path}: got the number {value}; quote N:M patterns (YAML reads an "
-                                f"unquoted 2:4 as the base-60 number 124); allowed: {_PATTERNS}")
-        if not isinstance(value, str):
-            raise GridSpecError(f"{where}: {path}: must be a string; allowed: {_PATTERNS}")
-        try:
-            _parse_pattern(value)
-        except ValueError as err:
-            raise GridSpecError(f"{where}: {path}: {err}; allowed: {_PATTERNS}") from None
-        return _canonical_pattern(value)
-    try:
-        return _adapter(model, key).validate_python(value)
-    except ValidationError as err:
-        e = err.errors()[0]
-        loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in e["loc"])
-        choices = _literal_values(model.model_fields[key].annotation)
-        hint = f"; allowed: {', '.join(map(str, choices))}" if choices else ""
-        raise GridSpecError(f"{where}: {path}{loc}: {e['msg']} (got {value!r}){hint}") from None
-
-
-_PATTERNS = "'unstructured', 'N:M' with 0 < N < M (N weights kept of every M, e.g. '2:4'), 'mixed-N:M'"
-
-
-@cache
-def _adapter(model: type[BaseModel], key: str) -> TypeAdapter:
-    field = model.model_fields[key]
-    return TypeAdapter(Annotated[field.annotation, field])
 
 
 def _literal_values(annotation: Any) -> list:
@@ -394,65 +358,53 @@ def _norm(value: Any) -> Any:
 
 # --- canonical form ----------------------------------------------------------------------------------------------
 
-def _parse_pattern(text: str) -> tuple[str, Pattern]:
-    t = text.strip().lower()
-    if t.startswith("mixed-"):
-        p = Pattern.parse(t[len("mixed-"):])
-        if not p.is_nm:
-            raise ValueError(f"mixed patterns need an N:M base, got {text!r}")
-        return "mixed", p
-    p = Pattern.parse(t)
-    return ("nm" if p.is_nm else "unstructured"), p
-
-
 def _canonical_pattern(text: str) -> str:
     try:
-        kind, p = _parse_pattern(text)
+        return canonical_pattern(text)
     except ValueError:
         return text
-    return f"mixed-{p}" if kind == "mixed" else str(p)
 
 
-def _canonical(settings: dict, origins: dict, where: str) -> dict:
-    """Settings in the one form equal experiments share (so they get one id and one cache entry).
+def make_cell(model: str, settings: Mapping[str, Any], where: str, origins: Mapping[str, str] | None = None) -> Cell:
+    """One cell from (unvalidated) settings, the way a grid makes each of its cells: canonical
+    (:meth:`LosaConfig.canonical`) and validated once. ``origins`` (setting -> where it was given, e.g.
+    ``axes.pruner[1]`` or ``--pruner``) let a bad value's message name its source.
 
-    - ``dense`` evaluates only: pruner, pattern and ablate go back to their defaults, sparsity 0, steps 1.
-    - N:M and mixed N:M patterns fix the sparsity (1 - N/M); a different explicit sparsity is an error.
-    - ``pruned`` and ``lora`` never ablate; ``pruned`` has one step. ``lora`` keeps ``steps``: with text data its
-      training budget is that of a T-step LoSA run (losa/stages.py). Both baselines prune uniformly, so
-      ``mixed-N:M`` becomes ``N:M`` for them.
-    - Ablations are listed in the order lsr, sra, dsa.
+    Raises:
+        GridSpecError: one line naming ``where``, the setting's origin and what is allowed.
     """
-    s = dict(settings)
-    method = s.get("method", LosaConfig.model_fields["method"].default)
-    if method == "dense":
-        for key in DENSE_IGNORES:
-            s.pop(key, None)
-        s["sparsity"], s["steps"] = 0.0, 1
-        return s
-    kind, p = _parse_pattern(s.get("pattern", "unstructured"))
-    if p.is_nm:
-        if "sparsity" in s and abs(s["sparsity"] - p.sparsity) > 1e-9:
-            raise GridSpecError(f"{where}: {origins['sparsity']} = {s['sparsity']} contradicts {origins['pattern']} = "
-                                f"{s['pattern']!r}, which implies sparsity {p.sparsity:g}; "
-                                "drop the sparsity for N:M cells")
-        s["sparsity"] = p.sparsity
-    if method in ("pruned", "lora"):
-        s["ablate"] = ()
-        if kind == "mixed":
-            s["pattern"] = str(p)
-        if method == "pruned":
-            s["steps"] = 1
-    else:
-        s["ablate"] = tuple(sorted(s.get("ablate", ()), key=ABLATION_ORDER.index))
-    return s
-
-
-def _make_cell(model: str, settings: dict, where: str) -> Cell:
+    origins = dict(origins or {})
     try:
-        return Cell(model=model, config=LosaConfig(**settings))
+        canon = LosaConfig.canonical_settings(settings)
+    except SettingsConflict as err:
+        given = " contradicts ".join(f"{origins.get(k, k)} = {v!r}" for k, v in zip(err.keys, err.values))
+        raise GridSpecError(f"{where}: {given}, {err.reason}") from None
+    try:
+        return Cell(model=model, config=LosaConfig(**canon))
     except ValidationError as err:
-        raise GridSpecError(f"{where}: cell '{_describe(model, settings)}': {_pydantic_message(err)}") from None
+        e = err.errors()[0]
+        loc = list(e["loc"])
+        if loc and loc[0] == "config":
+            loc = loc[1:]
+        if not loc:  # a cross-field check of the whole cell
+            raise GridSpecError(f"{where}: cell '{_describe(model, canon)}': {_pydantic_message(err)}") from None
+        head = str(loc[0])
+        key = f"{head}.{loc[1]}" if head in NESTED and len(loc) > 1 else head
+        rest = loc[2:] if head in NESTED and len(loc) > 1 else loc[1:]
+        at = origins.get(key, key) + "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in rest)
+        field = (NESTED[head].model_fields.get(str(loc[1])) if key != head else LosaConfig.model_fields.get(head))
+        choices = _literal_values(field.annotation) if field is not None else []
+        hint = f"; allowed: {', '.join(map(str, choices))}" if choices else ""
+        msg = e["msg"].removeprefix("Value error, ")
+        got = _lookup(settings, key.split("."))
+        raise GridSpecError(f"{where}: {at}: {msg} (got {got!r}){hint}") from None
+
+
+def _lookup(settings: Mapping[str, Any], path: list[str]) -> Any:
+    value: Any = settings
+    for part in path:
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
 
 
 def _pydantic_message(err: ValidationError) -> str:
@@ -464,12 +416,6 @@ def _pydantic_message(err: ValidationError) -> str:
 
 # --- labels ------------------------------------------------------------------------------------------------------
 
-def _label(method: str, ablate: tuple | list) -> str:
-    if method == "losa" and ablate:
-        return "".join(f"-{a.upper()}" for a in sorted(ablate, key=ABLATION_ORDER.index))
-    return {"dense": "dense", "pruned": "pruned", "lora": "+LoRA", "losa": "+LoSA"}[method]
-
-
 def _describe(model: str, settings: Mapping[str, Any]) -> str:
     d = LosaConfig.model_fields
     get = lambda k: settings.get(k, d[k].default)  # noqa: E731
@@ -477,7 +423,7 @@ def _describe(model: str, settings: Mapping[str, Any]) -> str:
     if method == "dense":
         return f"{model} dense seed {seed}"
     parts = [model, get("pruner"), f"{float(get('sparsity')) * 100:g}%", str(get("pattern")),
-             _label(method, tuple(get("ablate")))]
+             label(method, tuple(get("ablate")))]
     if method in ("lora", "losa"):
         parts.append(f"T={get('steps')}")
     return " ".join(parts) + f" seed {seed}"

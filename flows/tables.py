@@ -1,8 +1,9 @@
-"""Comparison tables in the paper's layouts, and plots, from the per-cell results frame. No tracking, no orchestration.
+"""Comparison tables in the paper's layouts from the per-cell results frame. No tracking, no orchestration.
 
-Pure pandas + matplotlib (``Figure`` objects rendered by Agg; pyplot's global state is never touched). The flows
-pass a ``results`` frame (one row per grid cell) and, optionally, ``published`` numbers; every layout returns plain
-string tables, so a failed cell (NaN metric) is an empty string, never an error.
+Pure pandas (plots: ``flows.plots``). :func:`results_frame` builds the frame from the grid's typed cells and their
+metrics; :func:`build_tables` also takes frames written by hand (``published`` numbers too), whose columns it
+normalises. Every layout returns plain string tables, so a failed cell (NaN metric) is an empty string, never an
+error.
 
 Format decisions (the tests pin them):
 
@@ -34,18 +35,38 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import get_args
+
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
-from matplotlib.ticker import LogFormatter
 
-LAYOUTS = ("table1", "zeroshot", "nm", "ablation", "steps", "seeds")
-ABLATIONS = ("lsr", "sra", "dsa")  # the order of the ablation rows and of the parts of a combined label
+from flows.spec import Cell, Layout
+from losa.config import ablation_rank, label
+
+LAYOUTS: tuple[str, ...] = get_args(Layout)
 METRICS = ("ppl", "ppl_pruned", "ppl_unmerged", "achieved_sparsity", "sparsity_before_merge", "trainable_params")
 _METRIC_ALIASES = {"perplexity": "ppl", "wikitext2_ppl": "ppl", "sparsity": "achieved_sparsity"}
 _DEFAULTS = {"model": "", "method": "", "pruner": "", "pattern": "unstructured", "ablate": "", "sparsity": np.nan,
              "steps": np.nan, "seed": 0, "eval_seqlen": np.nan, **{m: np.nan for m in METRICS}}
 _ZEROSHOT_NOTE = "zero-shot accuracy is not measured yet; this table shows WikiText-2 perplexity"
+
+
+COLUMNS = ["cell_id", "grid", "model", "label", "method", "pruner", "sparsity", "pattern", "ablate", "steps", "seed",
+           "eval_seqlen", *METRICS, "run_id"]
+
+
+def results_frame(cells: list[Cell], metrics: dict[str, dict]) -> pd.DataFrame:
+    """One row per cell: its typed settings and label, and its metrics (``metrics[cell.id]``: metric -> value, plus
+    ``run_id`` and ``grid``; a cell without an entry gets NaN metrics)."""
+    rows = []
+    for cell in cells:
+        cfg, got = cell.config, metrics.get(cell.id, {})
+        rows.append({"cell_id": cell.id, "grid": got.get("grid", ""), "model": cell.model, "label": cell.label,
+                     "method": cfg.method, "pruner": cfg.pruner, "sparsity": cfg.sparsity, "pattern": cfg.pattern,
+                     "ablate": ",".join(cfg.ablate), "steps": cfg.steps, "seed": cfg.seed,
+                     "eval_seqlen": cfg.eval_seqlen, **{m: got.get(m, np.nan) for m in METRICS},
+                     "run_id": got.get("run_id", np.nan)})
+    return pd.DataFrame(rows, columns=COLUMNS)
 
 
 # ---------------------------------------------------------------- normalising the inputs
@@ -60,16 +81,16 @@ def _norm_ablate(a) -> str:
     if a is None or (isinstance(a, float) and math.isnan(a)):
         return ""
     parts = [x for x in re.split(r"[\s,+\-]+", a.lower()) if x] if isinstance(a, str) else [str(x).lower() for x in a]
-    return ",".join(sorted(set(parts), key=lambda x: (ABLATIONS.index(x) if x in ABLATIONS else len(ABLATIONS), x)))
+    return ",".join(sorted(set(parts), key=lambda x: (ablation_rank(x), x)))
 
 
 def _ablate_label(ablate: str) -> str:
-    return "+LoSA" if not ablate else "".join(f"-{x.upper()}" for x in ablate.split(","))
+    return label("losa", ablate.split(",") if ablate else ())
 
 
 def _ablate_order(ablate: str) -> tuple:
     parts = ablate.split(",") if ablate else []
-    return len(parts), [ABLATIONS.index(x) if x in ABLATIONS else len(ABLATIONS) for x in parts], ablate
+    return len(parts), [ablation_rank(x) for x in parts], ablate
 
 
 def _pct_label(s: float) -> str:
@@ -403,133 +424,3 @@ def write_tables(tables: dict[str, pd.DataFrame], out_dir: Path, title: str = ""
     path = out_dir / "tables.md"
     path.write_text(results_markdown(tables, title))
     return [*paths, path]
-
-
-# ---------------------------------------------------------------- plots
-
-def _empty(fig: Figure, text: str) -> None:
-    ax = fig.add_subplot()
-    ax.text(0.5, 0.5, text, ha="center", va="center")
-    ax.set_axis_off()
-
-
-def plot_ppl_vs_sparsity(results: pd.DataFrame, path: Path) -> Path:
-    """Perplexity vs sparsity, one line per method label, one subplot per (model, pruner); log y; dense dashed."""
-    df = _normalize(results)
-    df = df[(df["pattern"] == "unstructured") | (df["method"] == "dense")]
-    scopes = list(_scopes(df))
-    ncols = min(3, max(1, len(scopes)))
-    nrows = max(1, math.ceil(len(scopes) / ncols))
-    fig = Figure(figsize=(5 * ncols, 3.8 * nrows), layout="constrained")
-    if not scopes:
-        _empty(fig, "no results")
-    for k, (scope, cells) in enumerate(scopes):
-        ax = fig.add_subplot(nrows, ncols, k + 1)
-        for row in _baseline_rows(cells) + _losa_rows(cells, ablations=True):
-            vals = row.cells[["sparsity", row.metric]].replace([np.inf, -np.inf], np.nan)
-            vals = vals[vals[row.metric] > 0]  # also drops NaN; log axis
-            vals = vals if row.broadcast else vals.dropna()  # dense needs no sparsity
-            if row.kind != "ppl" or vals.empty:
-                continue
-            if row.broadcast:
-                ax.axhline(vals[row.metric].mean(), color="grey", ls="--", lw=1, label=row.label)
-                continue
-            g = vals.groupby("sparsity")[row.metric]
-            ax.errorbar(g.mean().index * 100, g.mean().values, yerr=g.std(ddof=1).fillna(0).values,
-                        marker="o", ms=4, capsize=2, label=row.label)
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))  # "60", not "6 x 10^1"
-        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
-        ax.set_xlabel("sparsity (%)")
-        ax.set_ylabel("perplexity")
-        seq = f", eval_seqlen {scope.seqlen}" if scope.seqlen >= 0 else ""
-        ax.set_title(f"{scope.model}, {scope.pruner}{seq}", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
-
-
-def _heatmap(fig: Figure, ax, matrix: np.ndarray, steps: list, title: str, fmt: str, annotate: bool) -> None:
-    im = ax.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest")
-    fig.colorbar(im, ax=ax, shrink=0.9)
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel("DSA step t")
-    ax.set_ylabel("block")
-    ax.set_xticks(range(len(steps)), [str(t) for t in steps])
-    if matrix.shape[0] <= 40:
-        ax.set_yticks(range(matrix.shape[0]))
-    if annotate and np.isfinite(matrix).any():
-        mid = np.nanmean([np.nanmin(matrix), np.nanmax(matrix)])
-        for (i, j), v in np.ndenumerate(matrix):
-            if np.isfinite(v):
-                ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7,
-                        color="black" if v > mid else "white")
-
-
-def plot_allocation(report: dict, path: Path) -> Path:
-    """Per-block sparsity rate and applied LoRA rank across DSA steps, as two heatmaps, from a LosaReport dict."""
-    steps = report.get("steps") or []
-    fig = Figure(figsize=(11, 0.9 + 0.32 * max(4, *(len(s.get("rates") or []) for s in steps)) if steps else 3),
-                 layout="constrained")
-    if not steps:
-        _empty(fig, "no DSA steps in this report")
-    else:
-        def matrix(key: str, fallback: str | None = None) -> np.ndarray:
-            cols = [s.get(key) or (s.get(fallback) if fallback else None) or [] for s in steps]
-            out = np.full((max(1, max(map(len, cols))), len(cols)), np.nan)
-            for j, c in enumerate(cols):
-                out[: len(c), j] = [np.nan if v is None else float(v) for v in c]
-            return out  # (blocks, steps)
-
-        rates, ranks = matrix("rates"), matrix("applied_ranks", "ranks")
-        ts = [s.get("t", j + 1) for j, s in enumerate(steps)]
-        annotate = rates.size <= 200
-        axes = fig.subplots(1, 2)
-        _heatmap(fig, axes[0], rates, ts, "sparsity rate per block", ".2f", annotate)
-        _heatmap(fig, axes[1], ranks, ts, "applied LoRA rank per block", ".0f", annotate)
-        cfg = report.get("config") or {}
-        head = " ".join(str(cfg[k]) for k in ("method", "pruner", "pattern") if cfg.get(k))
-        if isinstance(cfg.get("sparsity"), (int, float)):
-            head += f" {cfg['sparsity']:.0%}"
-        fig.suptitle(f"{head}, T={len(steps)}".strip(", "), fontsize=11)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
-
-
-def plot_lsr(report: dict, path: Path) -> Path:
-    """LSR and SRA inputs per DSA step (method.md §2–§3): the CKA matrix between block inputs, and the
-    per-block reconstruction errors L_l, from a LosaReport dict."""
-    steps = [s for s in report.get("steps") or [] if s.get("cka") is not None or s.get("errors")]
-    fig = Figure(figsize=(3.2 * max(1, len(steps)), 6.2), layout="constrained")
-    if not steps:
-        _empty(fig, "no LSR/SRA records in this report")
-    else:
-        axes = fig.subplots(2, len(steps), squeeze=False)
-        for j, s in enumerate(steps):
-            ax = axes[0][j]
-            if s.get("cka") is not None:
-                cka = np.asarray(s["cka"], dtype=float)
-                im = ax.imshow(cka, vmin=0, vmax=1, cmap="magma", interpolation="nearest")
-                fig.colorbar(im, ax=ax, shrink=0.8)
-                ax.set_xticks(range(len(cka)))
-                ax.set_yticks(range(len(cka)))
-            else:
-                ax.text(0.5, 0.5, "no LSR (ablated)", ha="center", va="center", transform=ax.transAxes)
-            ax.set_title(f"CKA, step {s.get('t', j + 1)}", fontsize=9)
-            ax.set_xlabel("block")
-            ax.set_ylabel("block")
-            errors = s.get("errors") or []
-            axes[1][j].bar(range(len(errors)), errors, color="tab:red")
-            axes[1][j].set_xticks(range(len(errors)))
-            axes[1][j].set_title(f"reconstruction error L_l, step {s.get('t', j + 1)}", fontsize=9)
-            axes[1][j].set_xlabel("block")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path

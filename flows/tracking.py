@@ -106,35 +106,25 @@ def _cell_metrics(report: dict) -> dict[str, float | None]:
     return out
 
 
-COLUMNS = ["cell_id", "grid", "model", "label", "method", "pruner", "sparsity", "pattern", "ablate", "steps", "seed",
-           "eval_seqlen", "ppl", "ppl_pruned", "ppl_unmerged", "achieved_sparsity", "sparsity_before_merge",
-           "trainable_params", "run_id"]
-
-
 def results_frame(keys: dict[str, Any]) -> pd.DataFrame:
     """One row per cell (``keys``: cell key -> spec Cell) from the latest finished run of each key."""
+    from flows.tables import METRICS, results_frame
+
     mlflow = setup()
-    rows = []
+    metrics = {}
     for key, cell in keys.items():
         runs = mlflow.search_runs(experiment_names=[EXPERIMENT], order_by=["start_time DESC"], max_results=1,
                                   filter_string=f"tags.`losa.cell_key` = '{key}' and attributes.status = 'FINISHED'")
-        cfg = cell.config
-        row = {"cell_id": cell.id, "grid": "", "model": cell.model, "label": cell.label, "method": cfg.method,
-               "pruner": cfg.pruner, "sparsity": cfg.sparsity, "pattern": cfg.pattern, "ablate": ",".join(cfg.ablate),
-               "steps": cfg.steps, "seed": cfg.seed, "eval_seqlen": cfg.eval_seqlen}
         if not runs.empty:
             r = runs.iloc[0]
-            row["run_id"] = r["run_id"]
-            row["grid"] = r.get("tags.losa.grid", "")
-            for m in ("ppl", "ppl_pruned", "ppl_unmerged", "achieved_sparsity", "sparsity_before_merge",
-                      "trainable_params"):
-                row[m] = r.get(f"metrics.{m}")
-        rows.append(row)
-    return pd.DataFrame(rows, columns=COLUMNS)
+            metrics[cell.id] = {"run_id": r["run_id"], "grid": r.get("tags.losa.grid", ""),
+                                **{m: r.get(f"metrics.{m}") for m in METRICS}}
+    return results_frame(list(keys.values()), metrics)
 
 
 def cell_report(run_id: str) -> dict:
     """The report.json of a cell run."""
     mlflow = setup()
-    return json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="report.json",
-                                                               dst_path=tempfile.mkdtemp(dir=state_dir()))).read_text())
+    with tempfile.TemporaryDirectory(dir=state_dir(), prefix=".download-") as tmp:  # removed again, whatever happens
+        return json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="report.json",
+                                                                   dst_path=tmp)).read_text())

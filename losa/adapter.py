@@ -280,6 +280,14 @@ def merge_into_base(peft_model: PeftModel, adapter: str = "default") -> None:
     peft_model.merge_adapter(adapter_names=[adapter])
 
 
+def mark_merged(peft_model: PeftModel, adapter: str = "default") -> None:
+    """Count the adapter as merged without adding its delta: for base weights that already hold it (merged, then
+    maybe pruned), e.g. a DSA step-4 state restored from a snapshot (losa.snapshot.restore)."""
+    _check_unmerged(peft_model, adapter, "mark_merged")
+    for _, _, layer in masked_layers(peft_model, adapter):
+        layer.merged_adapters.append(adapter)
+
+
 @torch.no_grad()
 def unmerge_with_new_mask(peft_model: PeftModel, ranks: dict[int, int] | list[int] | None = None,
                           clip: bool = False, adapter: str = "default") -> dict[int, tuple[int, int]]:

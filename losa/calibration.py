@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
@@ -105,6 +105,13 @@ class PruneReport:
         d = asdict(self)
         d.update(sparsity=self.sparsity, block_sparsity=self.block_sparsity, cholesky_retries=self.cholesky_retries)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PruneReport:
+        """Inverse of :meth:`to_dict` (e.g. of a stored report; the derived fields are recomputed)."""
+        names = {f.name for f in fields(cls)} - {"layers"}
+        layers = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in d.get("layers", [])]
+        return cls(layers=layers, **{k: v for k, v in d.items() if k in names})
 
 
 def _per_block(value, n_blocks: int, what: str) -> list:

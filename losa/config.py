@@ -1,20 +1,91 @@
 """Typed settings of one LoSA cell: method, pruner, target, ablations, budgets (method.md §2–§5). Pure data.
 
-Field names are the YAML keys of the experiment grids and the flattened MLflow parameter names.
+Field names are the YAML keys of the experiment grids and the flattened MLflow parameter names. The project's
+vocabulary (methods, pruners, ablations and their order, row labels, patterns) is defined here once, by the
+``Literal`` types of :class:`LosaConfig`; the CLI, the grid files and the tables derive theirs from it. So does the
+canonical form of a cell (:meth:`LosaConfig.canonical`). No torch.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .finetune import FinetuneConfig
-from .layer_sparsity import DEFAULT_DELTA_BANDS, delta_for
 from .patterns import Pattern
+from .schedule import DEFAULT_DELTA_BANDS, delta_for
 
 Method = Literal["dense", "pruned", "lora", "losa"]
+Pruner = Literal["magnitude", "wanda", "sparsegpt"]
 Ablation = Literal["lsr", "sra", "dsa"]
+Propagation = Literal["pruned", "dense"]
+TrainData = Literal["text", "alpaca"]
+
+METHODS: tuple[str, ...] = get_args(Method)
+PRUNERS: tuple[str, ...] = get_args(Pruner)
+ABLATIONS: tuple[str, ...] = get_args(Ablation)  # also the order of a combined ablation ("-LSR-SRA")
+LABELS = {"dense": "dense", "pruned": "pruned", "lora": "+LoRA", "losa": "+LoSA"}  # table row label per method
+PATTERNS = "'unstructured', 'N:M' with 0 < N < M (N weights kept of every M, e.g. '2:4'), 'mixed-N:M'"
+DENSE_IGNORES = ("pruner", "pattern", "ablate")  # a dense cell resets these to their defaults (plus sparsity 0, T 1)
+
+
+def label(method: str, ablate: tuple[str, ...] | list[str] = ()) -> str:
+    """Table row label: ``dense``, ``pruned``, ``+LoRA``, ``+LoSA``, or LoSA's ablations (``-LSR``, ``-LSR-SRA``)."""
+    if method == "losa" and ablate:
+        return "".join(f"-{a.upper()}" for a in sorted(ablate, key=ablation_rank))
+    return LABELS[method]
+
+
+def ablation_rank(ablation: str) -> int:
+    """Position of an ablation in :data:`ABLATIONS` (unknown ones last)."""
+    return ABLATIONS.index(ablation) if ablation in ABLATIONS else len(ABLATIONS)
+
+
+def parse_pattern(text: str) -> tuple[str, Pattern]:
+    """(``"unstructured"`` | ``"nm"`` | ``"mixed"``, the base pattern) of a pattern setting.
+
+    Raises:
+        ValueError: not one of :data:`PATTERNS`.
+    """
+    t = str(text).strip().lower()
+    if t.startswith("mixed-"):
+        p = Pattern.parse(t[len("mixed-"):])
+        if not p.is_nm:
+            raise ValueError(f"mixed patterns need an N:M base, got {text!r}")
+        return "mixed", p
+    p = Pattern.parse(t)
+    return ("nm" if p.is_nm else "unstructured"), p
+
+
+def canonical_pattern(text: str) -> str:
+    """The one spelling of a pattern (``"2:4"``, ``"mixed-2:4"``, ``"unstructured"``); raises like :func:`parse_pattern`."""
+    kind, p = parse_pattern(text)
+    return f"mixed-{p}" if kind == "mixed" else str(p)
+
+
+class SettingsConflict(ValueError):
+    """Two settings of a cell contradict each other: ``keys`` names them, ``reason`` says why."""
+
+    def __init__(self, keys: tuple[str, ...], values: tuple, reason: str):
+        super().__init__(" contradicts ".join(f"{k} = {v!r}" for k, v in zip(keys, values)) + f", {reason}")
+        self.keys, self.values, self.reason = keys, values, reason
+
+
+class FinetuneConfig(BaseModel):
+    """Optimisation settings of one fine-tuning run (official LoSA defaults)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lr: float = Field(2e-4, gt=0)
+    warmup_ratio: float = Field(0.3, ge=0, le=1)
+    weight_decay: float = Field(0.001, ge=0)
+    max_grad_norm: float = Field(0.3, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    seqlen: int = Field(256, ge=2)
+    optimizer: str = "auto"  # "auto": paged 8-bit AdamW on CUDA when bitsandbytes is installed, else torch AdamW
+
 
 DEFAULT_BETA = {"wanda": 1.0, "sparsegpt": 100.0, "magnitude": 1.0}  # official: 1 with Wanda, 100 with SparseGPT
 
@@ -33,7 +104,7 @@ class LosaConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     method: Method = "losa"
-    pruner: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
+    pruner: Pruner = "wanda"
     sparsity: float = Field(0.7, ge=0.0, lt=1.0)
     pattern: str = "unstructured"
     ablate: tuple[Ablation, ...] = ()
@@ -44,7 +115,7 @@ class LosaConfig(BaseModel):
     nsamples: int = Field(128, ge=1)
     seqlen: int = Field(256, ge=2)
     calib_batch_size: int = Field(16, ge=1)
-    propagation: Literal["pruned", "dense"] = "pruned"
+    propagation: Propagation = "pruned"
 
     # LSR (method.md §2)
     rmi_samples: int = Field(64, ge=2)
@@ -65,7 +136,7 @@ class LosaConfig(BaseModel):
 
     # fine-tuning (method.md §4 step 7)
     finetune: FinetuneConfig = FinetuneConfig()
-    train_data: Literal["text", "alpaca"] = "text"  # plain LM text suits the testbed; alpaca as the official code
+    train_data: TrainData = "text"  # plain LM text suits the testbed; alpaca as the official code
     train_steps: int = Field(40, ge=1)  # optimiser steps per DSA step 1..T-1 (text data)
     final_train_steps: int = Field(120, ge=1)  # optimiser steps at step T (and for the LoRA baseline)
     alpaca_per_step: int = Field(1000, ge=1)  # official: 1,000 examples per step, the rest of 10,000 at step T
@@ -76,6 +147,19 @@ class LosaConfig(BaseModel):
     eval_seqlen: int = Field(256, ge=2)
     eval_batch_size: int = Field(8, ge=1)
     eval_windows: int | None = None
+
+    @field_validator("pattern", mode="before")
+    @classmethod
+    def _pattern(cls, value: Any) -> str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(f"got the number {value}; quote N:M patterns (YAML reads an unquoted 2:4 as the base-60 "
+                             f"number 124); allowed: {PATTERNS}")
+        if not isinstance(value, str):
+            raise ValueError(f"must be a string; allowed: {PATTERNS}")
+        try:
+            return canonical_pattern(value)
+        except ValueError as err:
+            raise ValueError(f"{err}; allowed: {PATTERNS}") from None
 
     @model_validator(mode="after")
     def _check(self) -> LosaConfig:
@@ -92,13 +176,62 @@ class LosaConfig(BaseModel):
             delta_for(self.sparsity, self.delta_bands)  # raises when no band covers the target
         return self
 
+    @classmethod
+    def canonical(cls, settings: Mapping[str, Any]) -> LosaConfig:
+        """The one config that equal experiments share (so they get one id and one cache entry), validated once.
+
+        - ``dense`` evaluates only: pruner, pattern and ablate go back to their defaults, sparsity 0, steps 1.
+        - N:M and mixed N:M patterns fix the sparsity (1 - N/M); a different explicit sparsity is an error.
+        - ``pruned`` and ``lora`` never ablate; ``pruned`` has one step. ``lora`` keeps ``steps``: with text data its
+          training budget is that of a T-step LoSA run (losa/stages.py). Both baselines prune uniformly, so
+          ``mixed-N:M`` becomes ``N:M`` for them.
+        - Ablations are listed in the order of :data:`ABLATIONS`.
+
+        Raises:
+            SettingsConflict: an explicit sparsity contradicts the pattern.
+            pydantic.ValidationError: a setting is not allowed (the one validation of the cell).
+        """
+        return cls(**cls.canonical_settings(settings))
+
+    @classmethod
+    def canonical_settings(cls, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """:meth:`canonical`'s settings before validation (values it cannot read are left for validation)."""
+        s = dict(settings)
+        method = s.get("method", cls.model_fields["method"].default)
+        if method == "dense":
+            for key in DENSE_IGNORES:
+                s.pop(key, None)
+            s["sparsity"], s["steps"] = 0.0, 1
+            return s
+        try:
+            kind, p = parse_pattern(s.get("pattern", "unstructured")) if isinstance(s.get("pattern", ""), str) \
+                else (None, Pattern())
+        except ValueError:
+            kind, p = None, Pattern()
+        if p.is_nm:
+            sparsity = s.get("sparsity")
+            if isinstance(sparsity, (int, float)) and abs(sparsity - p.sparsity) > 1e-9:
+                raise SettingsConflict(("sparsity", "pattern"), (sparsity, s["pattern"]),
+                                       f"which implies sparsity {p.sparsity:g}; drop the sparsity for N:M cells")
+            s["sparsity"] = p.sparsity
+        if method in ("pruned", "lora"):
+            s["ablate"] = ()
+            if kind == "mixed":
+                s["pattern"] = str(p)
+            if method == "pruned":
+                s["steps"] = 1
+        elif isinstance(s.get("ablate", ()), (list, tuple)):
+            s["ablate"] = tuple(sorted(s.get("ablate", ()), key=lambda a: ablation_rank(str(a))))
+        return s
+
     def parsed_pattern(self) -> tuple[str, Pattern]:
         """(``"unstructured"`` | ``"nm"`` | ``"mixed"``, the base pattern)."""
-        text = self.pattern.strip().lower()
-        if text.startswith("mixed-"):
-            return "mixed", Pattern.parse(text[len("mixed-"):])
-        p = Pattern.parse(text)
-        return ("nm" if p.is_nm else "unstructured"), p
+        return parse_pattern(self.pattern)
+
+    @property
+    def label(self) -> str:
+        """Table row label (:func:`label`)."""
+        return label(self.method, self.ablate)
 
     @property
     def effective_steps(self) -> int:

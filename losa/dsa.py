@@ -8,12 +8,14 @@ plain dataclass that the orchestration layer logs.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from . import data
+from .calibration import PruneReport
 from .config import LosaConfig
 from .layer_sparsity import allocate_layer_sparsity, delta_for, mixed_nm
 from .patterns import Pattern
@@ -21,7 +23,7 @@ from .rank_allocation import allocate_ranks
 from .schedule import cubic_sparsity, mean_rank
 from .stages import LocalStages, MergeVerificationError, Stages, overall_sparsity
 
-__all__ = ["run_losa", "drive", "LosaReport", "StepRecord", "MergeVerificationError"]
+__all__ = ["run_losa", "drive", "LosaReport", "StepRecord", "MergeVerificationError", "verify_final_sparsity"]
 
 
 @dataclass
@@ -121,106 +123,123 @@ def run_losa(model, tokenizer, cfg: LosaConfig, *, calibration: torch.Tensor | N
 
 def drive(cfg: LosaConfig, stages: Stages) -> LosaReport:
     """The control flow of one cell, written once for every executor (in memory, or one cached job per stage)."""
-    t_start = time.perf_counter()
     report = LosaReport(config=cfg.model_dump(mode="json"))
-    dense = stages.dense()
-    if cfg.method == "dense":
-        report.ppl = _timed(report, "perplexity", stages.perplexity, dense)
-    elif cfg.method in ("pruned", "lora"):
-        _one_shot(cfg, stages, dense, report)
-    else:
-        _dsa(cfg, stages, dense, report)
-    report.timings["total"] = time.perf_counter() - t_start
+    with _timed(report.timings, "total"):
+        dense = stages.dense()
+        if cfg.method == "dense":
+            with _timed(report.timings, "perplexity"):
+                report.ppl = stages.perplexity(dense)
+        elif cfg.method in ("pruned", "lora"):
+            _one_shot(cfg, stages, dense, report)
+        else:
+            _dsa(cfg, stages, dense, report)
     return report
 
 
-def _timed(report: LosaReport, name: str, fn, *args):
-    clock = time.perf_counter()
-    out = fn(*args)
-    report.timings[name] = report.timings.get(name, 0.0) + time.perf_counter() - clock
-    return out
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Add the wall time of the ``with`` body to ``timings[name]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
-def _sizes(pr: dict) -> dict[str, int]:
-    return {f"{r['block']}.{r['name']}": r["shape"][0] * r["shape"][1] for r in pr["layers"]}
+def _sizes(pr: PruneReport) -> dict[str, int]:
+    return {f"{r.block}.{r.name}": r.shape[0] * r.shape[1] for r in pr.layers}
 
 
 def _one_shot(cfg: LosaConfig, stages: Stages, dense, report: LosaReport) -> None:
     """Baselines: uniform one-shot pruning, then (``lora``) a standard, unmasked LoRA of uniform rank."""
     kind, base = cfg.parsed_pattern()
-    n = stages.n_blocks
-    pruned, pr = _timed(report, "prune", stages.prune, dense, [None if base.is_nm else cfg.sparsity] * n,
-                        [str(base)] * n, None)
-    report.ppl_pruned = _timed(report, "perplexity", stages.perplexity, pruned)
-    report.layer_sparsity = {f"{r['block']}.{r['name']}": r["sparsity"] for r in pr["layers"]}
-    report.sparsity = pr["sparsity"]
+    n, times = stages.n_blocks, report.timings
+    with _timed(times, "prune"):
+        pruned, pr = stages.prune(dense, [None if base.is_nm else cfg.sparsity] * n, [str(base)] * n, None)
+    with _timed(times, "perplexity"):
+        report.ppl_pruned = stages.perplexity(pruned)
+    report.layer_sparsity = {f"{r.block}.{r.name}": r.sparsity for r in pr.layers}
+    report.sparsity = pr.sparsity
     if cfg.method == "pruned":
         report.ppl = report.ppl_pruned
         return
-    state, res = _timed(report, "finetune", stages.lora, pruned)
-    report.trainable_params = res["trainable_params"]
-    report.steps.append(StepRecord(1, cfg.sparsity, cfg.lora_rank, None, None, pr["targets"], pr["patterns"],
-                                   pr["block_errors"], [cfg.lora_rank] * n, [cfg.lora_rank] * n, pr["sparsity"],
-                                   res["train_losses"], {"finetune": res["seconds"]}))
+    with _timed(times, "finetune"):
+        state, trained = stages.lora(pruned)
+    report.trainable_params = trained.trainable_params
+    report.steps.append(StepRecord(
+        t=1, theta=cfg.sparsity, omega=cfg.lora_rank, cka=None, importance=None, rates=pr.targets,
+        patterns=pr.patterns, errors=pr.block_errors, ranks=[cfg.lora_rank] * n, applied_ranks=[cfg.lora_rank] * n,
+        achieved_sparsity=pr.sparsity, train_losses=trained.train_losses, timings={"finetune": trained.seconds}))
     report.sparsity_before_merge = report.sparsity
-    report.ppl_unmerged = _timed(report, "perplexity", stages.perplexity, state)
-    merged, info = _timed(report, "merge", stages.finalize, state, pr["patterns"])
-    report.ppl = _timed(report, "perplexity", stages.perplexity, merged)
-    report.layer_sparsity = info["layer_sparsity"]  # drops: the plain LoRA update is dense
+    with _timed(times, "perplexity"):
+        report.ppl_unmerged = stages.perplexity(state)
+    with _timed(times, "merge"):
+        merged, final = stages.finalize(state, pr.patterns)
+    with _timed(times, "perplexity"):
+        report.ppl = stages.perplexity(merged)
+    report.layer_sparsity = final.layer_sparsity  # drops: the plain LoRA update is dense
     report.sparsity = overall_sparsity(report.layer_sparsity, _sizes(pr))
 
 
 def _dsa(cfg: LosaConfig, stages: Stages, dense, report: LosaReport) -> None:
-    """The T-step loop of method.md §4, one numbered step per comment."""
+    """The T-step loop of method.md §4 (Algorithm 1), one numbered step per comment."""
     T, n = cfg.effective_steps, stages.n_blocks
-    reference = _timed(report, "dense_outputs", stages.dense_outputs)  # Y^dense, once
+    with _timed(report.timings, "dense_outputs"):
+        reference = stages.dense_outputs()  # Y^dense, once
     state, final_n, floor = dense, None, None
     for t in range(1, T + 1):
         times: dict[str, float] = {}
         # step 1: schedules (cubic sparsity, linear mean rank)
         theta, omega = cubic_sparsity(cfg.sparsity, t, T), mean_rank(t, cfg.omega1, cfg.delta_omega)
         # step 2: merge the adapter into the (masked) weights; at t = 1 there is no adapter yet
-        clock = time.perf_counter()
-        merged = state if t == 1 else stages.merge(state)
-        times["merge"] = time.perf_counter() - clock
+        with _timed(times, "merge"):
+            merged = state if t == 1 else stages.merge(state)
         # step 3: LSR on the merged model (§2)
-        clock = time.perf_counter()
-        cka = importance = None
-        if "lsr" not in cfg.ablate:
-            cka, importance = stages.importance(merged)
-        imp = torch.tensor(importance, dtype=torch.float64) if importance is not None else None
-        if t == 1:
-            final_n = _final_n(cfg, imp, n)
-        rates, patterns = _step_plan(cfg, theta, imp, final_n, n, floor)
-        times["lsr"] = time.perf_counter() - clock
+        with _timed(times, "lsr"):
+            lsr = None if "lsr" in cfg.ablate else stages.importance(merged)
+            imp = torch.tensor(lsr.importance, dtype=torch.float64) if lsr is not None else None
+            if t == 1:
+                final_n = _final_n(cfg, imp, n)
+            rates, patterns = _step_plan(cfg, theta, imp, final_n, n, floor)
         # step 4: prune the merged weights block by block, recording L_l against the dense outputs (§1, §3)
-        clock = time.perf_counter()
-        pruned, pr = stages.prune(merged, rates, [str(p) for p in patterns], reference)
-        times["prune"] = time.perf_counter() - clock
-        floor = pr["block_sparsity"]
+        with _timed(times, "prune"):
+            pruned, pr = stages.prune(merged, rates, [str(p) for p in patterns], reference)
+        floor = pr.block_sparsity
         # step 6 (decided before 5, applied inside it): SRA ranks from the reconstruction errors (§3)
         ranks = [omega] * n if "sra" in cfg.ablate else \
-            allocate_ranks(pr["block_errors"], omega, r_min=cfg.r_min, r_max=cfg.r_max)
+            allocate_ranks(pr.block_errors, omega, r_min=cfg.r_min, r_max=cfg.r_max)
         # steps 5 and 7: unmerge with the new mask (pruned base entries exactly zero), fine-tune the masked LoRA
-        clock = time.perf_counter()
-        state, res = stages.finetune(pruned, None if t == 1 else state, ranks, t)
-        times["finetune"] = time.perf_counter() - clock
-        report.trainable_params = res["trainable_params"]
-        report.steps.append(StepRecord(t, theta, omega, cka, importance, pr["targets"], pr["patterns"],
-                                       pr["block_errors"], ranks, res["applied_ranks"], pr["sparsity"],
-                                       res["train_losses"], times))
+        with _timed(times, "finetune"):
+            state, trained = stages.finetune(pruned, None if t == 1 else state, ranks, t)
+        report.trainable_params = trained.trainable_params
+        report.steps.append(StepRecord(
+            t=t, theta=theta, omega=omega, cka=lsr.cka if lsr else None, importance=lsr.importance if lsr else None,
+            rates=pr.targets, patterns=pr.patterns, errors=pr.block_errors, ranks=ranks,
+            applied_ranks=trained.applied_ranks, achieved_sparsity=pr.sparsity, train_losses=trained.train_losses,
+            timings=times))
         for k, v in times.items():
             report.timings[k] = report.timings.get(k, 0.0) + v
 
-    # merge and unload, then verify: zero exactly where the final mask is zero, sparsity as allocated
-    merged, info = _timed(report, "merge", stages.finalize, state, pr["patterns"])
-    report.layer_sparsity = info["layer_sparsity"]
+    # merge and unload (verified on the mask inside), then check the sparsity the last step allocated
+    with _timed(report.timings, "merge"):
+        merged, final = stages.finalize(state, pr.patterns)
+    report.layer_sparsity = final.layer_sparsity
     report.sparsity = overall_sparsity(report.layer_sparsity, _sizes(pr))
-    last = {f"{r['block']}.{r['name']}": r for r in pr["layers"]}
-    if moved := {k: (v, last[k]["sparsity"]) for k, v in report.layer_sparsity.items() if v != last[k]["sparsity"]}:
+    verify_final_sparsity(report.layer_sparsity, pr)
+    with _timed(report.timings, "perplexity"):
+        report.ppl = stages.perplexity(merged)
+
+
+def verify_final_sparsity(layer_sparsity: dict[str, float], last: PruneReport) -> None:
+    """The merged model's sparsity is the last pruning step's, layer by layer, and that is the allocated rate
+    (up to one weight per row: per-row rounding of the kept count).
+
+    Raises:
+        MergeVerificationError: a layer's sparsity moved in the merge, or differs from its allocated rate.
+    """
+    layers = {f"{r.block}.{r.name}": r for r in last.layers}
+    if moved := {k: (v, layers[k].sparsity) for k, v in layer_sparsity.items() if v != layers[k].sparsity}:
         raise MergeVerificationError(f"layer sparsity changed by the merge (merged, pruned): {moved}")
-    # allocated rate, up to one weight per row (per-row rounding of the kept count)
-    if off := {k: (r["sparsity"], r["target"]) for k, r in last.items()
-               if abs(r["sparsity"] - r["target"]) > 1 / r["shape"][1] + 1e-9}:
+    if off := {k: (r.sparsity, r.target) for k, r in layers.items()
+               if abs(r.sparsity - r.target) > 1 / r.shape[1] + 1e-9}:
         raise MergeVerificationError(f"layer sparsity differs from its allocated rate (achieved, allocated): {off}")
-    report.ppl = _timed(report, "perplexity", stages.perplexity, merged)

@@ -13,27 +13,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from . import data
+from .config import FinetuneConfig  # noqa: F401 - re-exported (its home is the torch-free config)
 
 IGNORE_INDEX = -100
-
-
-class FinetuneConfig(BaseModel):
-    """Optimisation settings of one fine-tuning run (official LoSA defaults)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    lr: float = Field(2e-4, gt=0)
-    warmup_ratio: float = Field(0.3, ge=0, le=1)
-    weight_decay: float = Field(0.001, ge=0)
-    max_grad_norm: float = Field(0.3, gt=0)
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    seqlen: int = Field(256, ge=2)
-    optimizer: str = "auto"  # "auto": paged 8-bit AdamW on CUDA when bitsandbytes is installed, else torch AdamW
 
 
 @dataclass

@@ -17,21 +17,8 @@ from collections.abc import Sequence
 import torch
 
 from .patterns import Pattern
-
-DeltaBands = tuple[tuple[float, float], ...]
-"""A band table: ``(upper_target, delta)`` pairs sorted by ``upper_target``; a target uses the first band it fits."""
-
-OFFICIAL_DELTA_BANDS: DeltaBands = ((0.5, 0.01), (0.6, 0.02), (0.7, 0.03))
-"""The official code's delta: 0.01 for targets <= 0.5, 0.02 for <= 0.6, 0.03 for <= 0.7, none above (method.md §2)."""
-
-DEFAULT_DELTA_BANDS: DeltaBands = OFFICIAL_DELTA_BANDS + ((1.0, 0.03),)
-"""The official bands plus 0.03 for targets in (0.7, 1).
-
-The official code sets delta only up to 0.7. Above it, it reuses whatever delta an earlier DSA step left in its
-``args`` (0.03 whenever an earlier step's target was in (0.6, 0.7], as with the cubic schedule at 0.8, T = 5) and
-crashes with an AttributeError when no earlier step set one (e.g. T = 1 at 0.8). The extension makes that effective
-0.03 explicit; pass another table to change it.
-"""
+from .schedule import (DEFAULT_DELTA_BANDS, OFFICIAL_DELTA_BANDS, DeltaBands, delta_for,  # noqa: F401 - re-exported
+                       official_delta)
 
 _GRAM_CHUNK_ELEMENTS = 1 << 24  # float64 elements per feature chunk in gram() (128 MiB)
 
@@ -165,57 +152,6 @@ def layer_importance(cka: torch.Tensor, beta: float) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------------
 # Rates: the band table and the linear program
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _check_bands(bands: DeltaBands) -> None:
-    if len(bands) == 0:
-        raise ValueError("delta band table is empty")
-    uppers = [u for u, _ in bands]
-    if any(b <= a for a, b in zip(uppers, uppers[1:])):
-        raise ValueError(f"delta bands must have strictly increasing upper targets, got {list(bands)}")
-    if any(not (math.isfinite(d) and d >= 0) for _, d in bands):
-        raise ValueError(f"delta band widths must be finite and >= 0, got {list(bands)}")
-
-
-def official_delta(target: float) -> float:
-    """The official code's delta for a target, read from :data:`OFFICIAL_DELTA_BANDS` without clipping.
-
-    Raises:
-        ValueError: for a target outside [0, 0.7], where the official code defines no delta.
-    """
-    if not 0.0 <= target < 1.0:
-        raise ValueError(f"target sparsity must be in [0, 1), got {target}")
-    for upper, delta in OFFICIAL_DELTA_BANDS:
-        if target <= upper:
-            return delta
-    raise ValueError(f"the official code defines no delta above {OFFICIAL_DELTA_BANDS[-1][0]}, got target {target}")
-
-
-def delta_for(target: float, bands: DeltaBands = DEFAULT_DELTA_BANDS) -> float:
-    """Half-width delta of the rate band around ``target`` (method.md §2).
-
-    The first band with ``target <= upper`` gives delta; it is then clipped to ``min(delta, target, (1 - target)/2)``
-    so that every rate stays in [0, 1) (a target of 0.005 gets 0.005, not 0.01; a target of 0.98 gets 0.01). The clip
-    never bites for the official range 0.03 <= target <= 0.7. Where it bites, the official code would instead produce
-    negative rates and then raise them to 0, which changes the mean.
-
-    Args:
-        target: mean sparsity Theta^t in [0, 1).
-        bands: ``(upper_target, delta)`` pairs sorted by upper target (default :data:`DEFAULT_DELTA_BANDS`).
-
-    Returns:
-        delta >= 0.
-
-    Raises:
-        ValueError: on a target outside [0, 1), a malformed table, or a target above every band.
-    """
-    _check_bands(bands)
-    if not 0.0 <= target < 1.0:
-        raise ValueError(f"target sparsity must be in [0, 1), got {target}")
-    for upper, delta in bands:
-        if target <= upper:
-            return min(delta, target, (1.0 - target) / 2.0)
-    raise ValueError(f"no delta band covers target {target}: the table stops at {bands[-1][0]} ({list(bands)})")
 
 
 def _as_importance(importance: torch.Tensor | Sequence[float]) -> list[float]:

@@ -160,13 +160,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     """Load a causal LM and its tokenizer from a local folder, a named model (``testbed``, ``smollm2-135m``: see
     :mod:`losa.zoo`) or a hub id when online.
 
-    ``dtype`` defaults to fp32 on CPU (bf16 matmuls are slow and imprecise there) and fp16 on CUDA.
+    ``device="auto"``: CUDA when available, else the CPU. ``dtype`` defaults to fp32 on CPU (bf16 matmuls are slow
+    and imprecise there) and fp16 on CUDA.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .zoo import model_folder
 
     path = model_folder(path)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32

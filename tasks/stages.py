@@ -1,6 +1,7 @@
-"""One Prefect task per LoSA stage. Each restores its inputs, calls ONE ``losa`` function, stores its artifact.
+"""One Prefect task per LoSA stage. Each loads a fresh model, restores its inputs (:mod:`losa.snapshot`), calls ONE
+:mod:`losa.stages` function and stores its result as an artifact; it knows nothing of the in-memory executor.
 
-Every task declares its cache key (``KEYS``): the stage name and version, the config fields the stage reads, its
+Every task's cache key (:func:`cache_key`) holds the stage name and version, the config fields the stage reads, its
 own parameters, and the content hashes of its input artifacts. The same key addresses the artifact store, so a
 stage whose artifact exists is never recomputed, whether Prefect's cache record survived or not. SERIALIZABLE
 isolation (a file lock per key) makes concurrent cells that need the same stage wait for one computation instead of
@@ -11,8 +12,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -20,7 +21,7 @@ from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.locking.filesystem import FileSystemLockManager
 from pydantic import BaseModel, ConfigDict
 
-from losa import METHOD_VERSION
+from losa import METHOD_VERSION, snapshot, stages
 from losa.config import LosaConfig
 
 from .state import artifacts_url, state_dir
@@ -110,7 +111,7 @@ def _without_private(fn):
     return sig.replace(parameters=[p for n, p in sig.parameters.items() if not n.startswith("_")])
 
 
-# --------------------------------------------------------------------------------------------- restoring inputs
+# --------------------------------------------------------------------------------------------- inputs and outputs
 
 
 @functools.lru_cache(maxsize=4)
@@ -120,37 +121,29 @@ def _tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _device(cell: CellSpec) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if cell.device == "auto" else cell.device
-
-
-def _open(cell: CellSpec, state: Ref, calib: Ref | None = None, tokens: Ref | None = None):
-    """A :class:`losa.stages.LocalStages` on a fresh model holding ``state`` (the dense model or a snapshot)."""
+def _model(cell: CellSpec, state: Ref | None = None, merged_into: Ref | None = None):
+    """A fresh model holding ``state`` (a snapshot; None: the dense model), optionally with its adapter counted as
+    merged into the weights of ``merged_into`` (see :func:`losa.snapshot.restore`)."""
     from losa.models import load_model
-    from losa.stages import LocalStages, restore
 
+    model, _ = load_model(cell.model, device=cell.device)
+    if state is None:
+        return model
     store = _store()
-    model, _ = load_model(cell.model, device=_device(cell))
-    if state.stage != "model":
-        tensors, meta = store.tensors(state)
-        model = restore(model, tensors, meta, cell.config)
-    calibration = store.tensors(calib)[0]["ids"] if calib is not None else None
-    stream = store.tensors(tokens)[0]["ids"] if tokens is not None else None
-    return LocalStages(model, _tokenizer(cell.model), cell.config, calibration, progress=False, stream=stream)
+    weights = store.tensors(merged_into)[0] if merged_into is not None else None
+    return snapshot.restore(model, *store.tensors(state), cell.config, merged_weights=weights)
 
 
-def _put(store: ArtifactStore, stage: str, key: str, info: dict, model=None, adapter: bool = True, seconds=None) -> Ref:
-    from losa.stages import snapshot
+def _ids(ref: Ref | None):
+    return _store().tensors(ref)[0]["ids"] if ref is not None else None
 
-    tensors, meta = snapshot(model, adapter=adapter) if model is not None else (None, None)
-    return store.put(stage, key, info, tensors, meta, seconds=seconds)
+
+def _put(store: ArtifactStore, stage: str, key: str, clock, info: dict, model=None, adapter: bool = True) -> Ref:
+    tensors, meta = snapshot.snapshot(model, adapter=adapter) if model is not None else (None, None)
+    return store.put(stage, key, info, tensors, meta, seconds=clock)
 
 
 def _clock():
-    import time
-
     start = time.perf_counter()
     return lambda: time.perf_counter() - start
 
@@ -171,10 +164,8 @@ def calibration(cell: CellSpec, _key: str = "", _store: ArtifactStore | None = N
 @stage_task("train_tokens")
 def train_tokens(cell: CellSpec, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
     """The plain-text fine-tuning token stream (tokenized once per tokenizer)."""
-    from losa.stages import token_stream
-
     clock = _clock()
-    ids = token_stream(_tokenizer(cell.model))
+    ids = stages.token_stream(_tokenizer(cell.model))
     return _store.put("train_tokens", _key, {"tokens": int(ids.numel())}, {"ids": ids}, seconds=clock)
 
 
@@ -182,18 +173,16 @@ def train_tokens(cell: CellSpec, _key: str = "", _store: ArtifactStore | None = 
 def dense_outputs(cell: CellSpec, calib: Ref, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
     """Y^dense of every block on the calibration set (method.md §3), computed once per model and calibration."""
     clock = _clock()
-    stages = _open(cell, _model_ref(cell), calib)
-    out = stages.dense_outputs()
-    tensors = {f"{b}.{k}": y for b, block in enumerate(out) for k, y in enumerate(block)}
-    return _store.put("dense_outputs", _key, {"blocks": len(out), "batches": len(out[0])}, tensors, seconds=clock)
+    tensors, shape = snapshot.pack_outputs(stages.dense_outputs(_model(cell), _ids(calib), cell.config))
+    return _store.put("dense_outputs", _key, shape, tensors, seconds=clock)
 
 
 @stage_task("importance")
 def importance(cell: CellSpec, state: Ref, calib: Ref, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
     """LSR's CKA matrix and layer importances of the merged model (method.md §2)."""
     clock = _clock()
-    cka, imp = _open(cell, state, calib).importance(0)
-    return _store.put("importance", _key, {"cka": cka, "importance": imp}, seconds=clock)
+    result = stages.importance(_model(cell, _snapshot(state)), _ids(calib), cell.config)
+    return _store.put("importance", _key, stages.info(result), seconds=clock)
 
 
 @stage_task("prune")
@@ -201,47 +190,39 @@ def prune(cell: CellSpec, state: Ref, calib: Ref, reference: Ref | None, rates: 
           _key: str = "", _store: ArtifactStore | None = None) -> Ref:
     """Prune the state's weights block by block to ``rates``/``patterns`` (method.md §1); info = the PruneReport."""
     clock = _clock()
-    stages = _open(cell, state, calib)
-    ref = None
-    if reference is not None:
-        y = _store.tensors(reference)[0]
-        info = reference.info
-        ref = [[y[f"{b}.{k}"] for k in range(info["batches"])] for b in range(info["blocks"])]
-    _, report = stages.prune(0, rates, patterns, ref)
-    return _put(_store, "prune", _key, report, stages.model, adapter=False, seconds=clock)
+    model = _model(cell, _snapshot(state))
+    outputs = snapshot.unpack_outputs(_store.tensors(reference)[0], reference.info) if reference is not None else None
+    report = stages.prune(model, _ids(calib), cell.config, rates, patterns, outputs, progress=False)
+    return _put(_store, "prune", _key, clock, report.to_dict(), model, adapter=False)
 
 
 @stage_task("finetune")
 def finetune(cell: CellSpec, pruned: Ref, previous: Ref | None, tokens: Ref | None, ranks: list[int], t: int,
              _key: str = "", _store: ArtifactStore | None = None) -> Ref:
-    """DSA steps 5–7 (method.md §4): attach the adapter to the new mask with SRA's ranks, fine-tune it."""
+    """DSA steps 5–7 (method.md §4): the adapter on the new mask with SRA's ranks, fine-tuned. At t > 1 the model
+    holds ``previous``'s adapter, merged into the ``pruned`` weights (the state steps 2–4 left)."""
     clock = _clock()
-    if previous is None:  # t = 1: a fresh adapter on the pruned weights
-        stages, handle = _open(cell, pruned, tokens=tokens), 0
-    else:  # rebuild the in-memory state: previous adapter merged, then the pruned merged weights in place
-        stages = _open(cell, previous, tokens=tokens)
-        handle = stages.merge(0)
-        _load_weights(stages.base, _store.tensors(pruned)[0])
-    _, info = stages.finetune(handle, previous, ranks, t)
-    return _put(_store, "finetune", _key, info, stages.model, seconds=clock)
+    model = _model(cell, pruned) if previous is None else _model(cell, previous, merged_into=pruned)
+    model, trained = stages.finetune(model, _tokenizer(cell.model), cell.config, ranks, t, stream=_ids(tokens),
+                                     progress=False)
+    return _put(_store, "finetune", _key, clock, stages.info(trained), model)
 
 
 @stage_task("lora")
 def lora(cell: CellSpec, pruned: Ref, tokens: Ref | None, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
     """The baseline's standard LoRA, trained on the pruned model with the same budget."""
     clock = _clock()
-    stages = _open(cell, pruned, tokens=tokens)
-    _, info = stages.lora(0)
-    return _put(_store, "lora", _key, info, stages.model, seconds=clock)
+    model, trained = stages.lora(_model(cell, pruned), _tokenizer(cell.model), cell.config, stream=_ids(tokens),
+                                 progress=False)
+    return _put(_store, "lora", _key, clock, stages.info(trained), model)
 
 
 @stage_task("merge")
 def merge(cell: CellSpec, state: Ref, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
     """DSA step 2: the adapter merged into the masked weights (weights only; the adapter lives on in ``state``)."""
     clock = _clock()
-    stages = _open(cell, state)
-    stages.merge(0)
-    return _put(_store, "merge", _key, {}, stages.model, adapter=False, seconds=clock)
+    model = stages.merge(_model(cell, state))
+    return _put(_store, "merge", _key, clock, {}, model, adapter=False)
 
 
 @stage_task("finalize")
@@ -249,28 +230,22 @@ def finalize(cell: CellSpec, state: Ref, patterns: list[str], _key: str = "",
              _store: ArtifactStore | None = None) -> Ref:
     """Merge and unload; a masked adapter's merge is verified (raises MergeVerificationError, nothing stored)."""
     clock = _clock()
-    stages = _open(cell, state)
-    _, info = stages.finalize(0, patterns)
-    return _put(_store, "finalize", _key, info, stages.model, adapter=False, seconds=clock)
+    model, result = stages.finalize(_model(cell, state), patterns)
+    return _put(_store, "finalize", _key, clock, stages.info(result), model, adapter=False)
 
 
 @stage_task("perplexity")
 def perplexity(cell: CellSpec, state: Ref, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
     """WikiText-2 perplexity of the state (with its adapter, if it has one)."""
     clock = _clock()
-    ppl = _open(cell, state).perplexity(0)
+    ppl = stages.perplexity(_model(cell, _snapshot(state)), _tokenizer(cell.model), cell.config, progress=False)
     return _store.put("perplexity", _key, {"ppl": ppl}, seconds=clock)
 
 
-def _model_ref(cell: CellSpec) -> Ref:
+def model_ref(cell: CellSpec) -> Ref:
+    """The dense model as a stage input: its content hash (the root of every key)."""
     return Ref(stage="model", key=cell.model_sha256, sha256=cell.model_sha256, info={"path": cell.model})
 
 
-def _load_weights(model, tensors) -> None:
-    import torch
-
-    from losa.models import get_adapter
-
-    with torch.no_grad():
-        for b, name, lin in get_adapter(model).iter_linears(model):
-            lin.weight.data.copy_(tensors[f"w.{b}.{name}"])
+def _snapshot(state: Ref) -> Ref | None:
+    return None if state.stage == "model" else state

@@ -25,9 +25,3 @@ def test_tasks_never_import_flows_and_modules_import_without_mlflow():
     pattern = re.compile(r"^\s*(import|from)\s+(flows|mlflow)\b", re.M)
     offenders = [str(p) for p in (ROOT / "tasks").rglob("*.py") if pattern.search(p.read_text())]
     assert offenders == []  # CLI -> flows -> tasks -> losa, one way
-
-
-def test_the_stage_driver_is_the_only_loop():
-    # the T-step loop lives in losa.dsa.drive, once; the flows hand it an executor instead of re-writing it
-    loops = [p for p in (ROOT / "flows").rglob("*.py") if "cubic_sparsity" in p.read_text()]
-    assert loops == []

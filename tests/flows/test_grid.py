@@ -161,6 +161,10 @@ def test_micro_grid_logs_parent_children_and_tables(first, losa_env):
     assert (out / "tables.md").is_file() and (out / "ppl_vs_sparsity.png").is_file()
     assert list(out.glob("*.parquet"))
     assert "+LoSA" in (out / "tables.md").read_text()
+    from flows.plots import cell_plot_name
+
+    assert (out / cell_plot_name("allocation", by_method(first.grid)["losa"].describe())).is_file()  # not an id
+    assert [p.name for p in losa_env.state.iterdir() if p.name.startswith(("tmp", ".download"))] == []
 
 
 def test_shared_prefixes_are_computed_once(first):
@@ -182,6 +186,32 @@ def test_shared_prefixes_are_computed_once(first):
     assert stages["prune"] == 3
 
 
+def test_the_cell_flow_hands_drive_its_task_executor(first, monkeypatch):
+    """The flows do not re-write the cell's control flow: a cell flow runs losa.dsa.drive once, with TaskStages, and
+    runs exactly the stage tasks drive asks for, in its order (Algorithm 1: tests/losa/test_dsa.py)."""
+    import losa.dsa
+    from flows.cell import TaskStages, losa_cell
+
+    executors, tasks = [], []
+    drive, call = losa.dsa.drive, TaskStages._call
+
+    def spy_drive(cfg, stages):
+        executors.append(type(stages))
+        return drive(cfg, stages)
+
+    def spy_call(self, stage, **params):
+        tasks.append(stage.name)
+        return call(self, stage, **params)
+
+    monkeypatch.setattr(losa.dsa, "drive", spy_drive)
+    monkeypatch.setattr(TaskStages, "_call", spy_call)
+    row = losa_cell(str(first.path), by_method(first.grid)["losa"].id)
+    assert executors == [TaskStages] and row["stages_computed"] == 0  # everything cached by the first run
+    assert tasks == ["calibration", "train_tokens", "dense_outputs", "importance", "prune", "finetune",  # t = 1
+                     "merge", "importance", "prune", "finetune",  # t = 2
+                     "finalize", "perplexity"]
+
+
 def test_rerun_computes_and_logs_nothing(first, second):
     from flows.cell import cached_stages, cell_spec
 
@@ -199,7 +229,7 @@ def test_staged_equals_in_memory(first):
     from flows.cell import cell_spec
     from losa.dsa import run_losa
     from losa.models import load_model
-    from losa.stages import snapshot
+    from losa.snapshot import snapshot
     from tasks.store import ArtifactStore
 
     cell = by_method(first.grid)["losa"]
@@ -222,7 +252,7 @@ def test_staged_equals_in_memory(first):
 def test_failed_cell_fails_the_grid_and_rerun_resumes(losa_env, tmp_path, monkeypatch):
     from flows.cell import cell_spec
     from flows.grid import losa_grid
-    from losa.stages import LocalStages
+    import losa.stages
     from tasks.store import ArtifactStore, state_dir
 
     monkeypatch.setenv("LOSA_HOME", str(tmp_path / "state"))
@@ -240,7 +270,7 @@ def test_failed_cell_fails_the_grid_and_rerun_resumes(losa_env, tmp_path, monkey
         raise RuntimeError("injected fine-tuning failure")
 
     with monkeypatch.context() as m:
-        m.setattr(LocalStages, "finetune", boom)
+        m.setattr(losa.stages, "finetune", boom)
         state = losa_grid(str(path), return_state=True)
     assert state.is_failed()
     assert methods["losa"].describe() in state.message and "1 of 2 cells failed" in state.message

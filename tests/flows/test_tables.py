@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows.tables import LAYOUTS, build_tables, plot_allocation, plot_ppl_vs_sparsity, results_markdown, write_tables
+from flows.plots import cell_plot_name, plot_allocation, plot_ppl_vs_sparsity
+from flows.tables import LAYOUTS, build_tables, results_markdown, write_tables
 
 MODEL = "testbed"
 SEQ = 256
@@ -185,3 +186,25 @@ def test_imports_no_orchestration_or_tracking():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "[]"
+
+
+def test_results_frame_comes_from_typed_cells():
+    from flows.spec import Cell
+    from flows.tables import COLUMNS, results_frame
+    from losa.config import LosaConfig
+
+    cells = [Cell(model="m", config=LosaConfig.canonical({"method": "dense"})),
+             Cell(model="m", config=LosaConfig.canonical({"method": "losa", "ablate": ["sra", "lsr"], "steps": 3}))]
+    frame = results_frame(cells, {cells[1].id: {"ppl": 12.5, "run_id": "r1", "grid": "g"}})
+    assert list(frame.columns) == COLUMNS
+    assert list(frame.label) == ["dense", "-LSR-SRA"] and list(frame.ablate) == ["", "lsr,sra"]
+    assert math.isnan(frame.ppl[0]) and frame.ppl[1] == 12.5 and frame.run_id[1] == "r1"
+    (table,) = build_tables("ablation", frame).values()
+    assert list(table.index) == ["-LSR-SRA"]  # the table's row label is the cell's
+
+
+def test_cell_plots_are_named_by_the_cell_not_a_hash():
+    assert cell_plot_name("allocation", "testbed wanda 70% unstructured +LoSA T=3 seed 0") == \
+        "allocation_testbed-wanda-70pct-unstructured-LoSA-T-3-seed-0.png"
+    assert cell_plot_name("cka_errors", "testbed wanda 70% unstructured -LSR-SRA T=3 seed 0") == \
+        "cka_errors_testbed-wanda-70pct-unstructured-LSR-SRA-T-3-seed-0.png"

@@ -35,3 +35,24 @@ def test_patterns_and_ablation_views():
     assert LosaConfig(pattern="2:4", sparsity=0.5).parsed_pattern()[1].n == 2
     assert LosaConfig(ablate=("dsa",), steps=5).effective_steps == 1
     assert LosaConfig(sparsity=0.8).sparsity == 0.8  # above the official 0.7 band table: covered, no crash
+
+
+def test_one_vocabulary():
+    from losa.config import ABLATIONS, LABELS, METHODS, PRUNERS
+    from losa.pruners import METHODS as PRUNER_REGISTRY
+
+    assert set(PRUNERS) == set(PRUNER_REGISTRY)  # every configurable pruner is implemented, and no other
+    assert METHODS == tuple(LABELS) and ABLATIONS == ("lsr", "sra", "dsa")
+
+
+def test_canonical_cells():
+    from losa.config import LosaConfig, SettingsConflict
+
+    dense = LosaConfig.canonical({"method": "dense", "pruner": "sparsegpt", "pattern": "2:4", "steps": 4})
+    assert dense == LosaConfig.canonical({"method": "dense"}) and (dense.sparsity, dense.steps) == (0.0, 1)
+    assert LosaConfig.canonical({"method": "pruned", "steps": 5}).steps == 1
+    assert LosaConfig.canonical({"method": "lora", "pattern": "mixed-2:4"}).pattern == "2:4"
+    assert LosaConfig.canonical({"method": "losa", "pattern": " 2:4 "}).sparsity == 0.5
+    assert LosaConfig.canonical({"ablate": ["dsa", "lsr"]}).label == "-LSR-DSA"
+    with pytest.raises(SettingsConflict, match="implies sparsity 0.5"):
+        LosaConfig.canonical({"pattern": "2:4", "sparsity": 0.7})

@@ -116,3 +116,86 @@ def test_verification_fails_loudly(monkeypatch):
     monkeypatch.setattr(LoraModel, "merge_and_unload", leaky)
     with pytest.raises(MergeVerificationError, match="leave the mask"):
         run(tiny_llama_gqa(), steps=1)
+
+
+class Recorder:
+    """A Stages executor without a model: records what drive asks for, in order (handles are the call index)."""
+
+    n_blocks = 2
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def _h(self, name: str):
+        self.calls.append(name)
+        return len(self.calls)
+
+    def dense(self):
+        return 0
+
+    def dense_outputs(self):
+        self._h("dense_outputs")
+        return "Y"
+
+    def importance(self, state):
+        from losa.stages import Importance
+
+        self._h(f"importance({state})")
+        return Importance(cka=[[1.0, 0.5], [0.5, 1.0]], importance=[0.6, 0.4])
+
+    def _report(self, rates, patterns):
+        from losa.calibration import LayerRecord, PruneReport
+
+        layers = [LayerRecord(b, "q", (4, 4), r or 0.5, p, r or 0.5, 0.0) for b, (r, p) in enumerate(zip(rates, patterns))]
+        return PruneReport("wanda", "pruned", list(rates), list(patterns), layers, block_errors=[0.2, 0.1])
+
+    def prune(self, state, rates, patterns, reference):
+        self.last = self._report(rates, patterns)
+        return self._h(f"prune({state})"), self.last
+
+    def finetune(self, pruned, previous, ranks, t):
+        from losa.stages import Trained
+
+        return self._h(f"finetune({pruned},{previous},t={t})"), Trained([1.0], 0.0, 10, list(ranks))
+
+    def lora(self, pruned):
+        from losa.stages import Trained
+
+        return self._h(f"lora({pruned})"), Trained([1.0], 0.0, 10)
+
+    def merge(self, state):
+        return self._h(f"merge({state})")
+
+    def finalize(self, state, patterns):
+        from losa.stages import Finalized
+
+        return self._h(f"finalize({state})"), Finalized({f"{r.block}.{r.name}": r.sparsity for r in self.last.layers})
+
+    def perplexity(self, state):
+        self._h(f"ppl({state})")
+        return 10.0
+
+
+def test_drive_is_algorithm_1_for_every_executor():
+    """The control flow lives in drive: for any executor it asks for the same stages in the same order, each
+    state handle feeding the next stage (the Prefect path runs exactly these as tasks, tests/flows/test_grid.py)."""
+    from losa.dsa import drive
+
+    def calls(**kw):
+        rec = Recorder()
+        drive(LosaConfig(**{"sparsity": 0.5, **kw}), rec)
+        return rec.calls
+
+    assert calls(method="dense") == ["ppl(0)"]
+    assert calls(method="pruned") == ["prune(0)", "ppl(1)"]
+    assert calls(method="lora", steps=3) == ["prune(0)", "ppl(1)", "lora(1)", "ppl(3)", "finalize(3)", "ppl(5)"]
+    # t = 1: LSR of the dense model, prune, fresh adapter; t = 2: merge, LSR of the merged model, prune, fine-tune
+    # continuing the previous adapter; then merge + verify and the final perplexity
+    assert calls(method="losa", steps=2) == [
+        "dense_outputs", "importance(0)", "prune(0)", "finetune(3,None,t=1)",
+        "merge(4)", "importance(5)", "prune(5)", "finetune(7,4,t=2)", "finalize(8)", "ppl(9)"]
+    assert calls(method="losa", steps=2, ablate=("lsr",)) == [
+        "dense_outputs", "prune(0)", "finetune(2,None,t=1)", "merge(3)", "prune(4)", "finetune(5,3,t=2)",
+        "finalize(6)", "ppl(7)"]
+    assert calls(method="losa", steps=3, ablate=("dsa",)) == [
+        "dense_outputs", "importance(0)", "prune(0)", "finetune(3,None,t=1)", "finalize(4)", "ppl(5)"]

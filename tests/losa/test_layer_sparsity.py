@@ -206,7 +206,8 @@ def test_allocation_random_mean_bounds_and_order():
 
 
 def test_allocation_matches_linprog_optimum():
-    optimize = pytest.importorskip("scipy.optimize")
+    from scipy import optimize  # a dev dependency (pyproject.toml): this test must not skip silently
+
     for imp, target, delta in _random_cases(60, seed=1):
         n_layers = len(imp)
         res = optimize.linprog(
