@@ -119,6 +119,26 @@ def _step(model, opt, batch) -> float:
     return time.perf_counter() - t
 
 
+def saved_for_backward(model, batch) -> dict:
+    """What one forward keeps alive for backward: bytes of the unique storages autograd saves (weights, buffers and
+    masks excluded: they live anyway), and the logits."""
+    seen: dict[int, int] = {}
+    resident = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+
+    def pack(t: torch.Tensor):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in resident:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(input_ids=batch, labels=batch)
+    logits = out.logits.numel() * out.logits.element_size()
+    out.loss.backward()
+    model.zero_grad(set_to_none=True)
+    return {"saved_bytes": sum(seen.values()), "logits_bytes": logits}
+
+
 def _state_bytes(opt) -> int:
     return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
                if isinstance(v, torch.Tensor))
@@ -142,9 +162,13 @@ def measure_steps(args, kinds) -> dict:
             s = _step(models[k].train(), opts[k], batch)
             if step >= 1:  # the first step is warm-up
                 times[k].append(s)
-    return {k: {"median": statistics.median(v), "times": v, "state_bytes": _state_bytes(opts[k]),
-                "trainable": sum(p.numel() for p in models[k].parameters() if p.requires_grad)}
-            for k, v in times.items()} | {"extra_mib": rss_mib("VmHWM") - before}
+    out = {k: {"median": statistics.median(v), "times": v, "state_bytes": _state_bytes(opts[k]),
+               "trainable": sum(p.numel() for p in models[k].parameters() if p.requires_grad)}
+           for k, v in times.items()} | {"extra_mib": rss_mib("VmHWM") - before}
+    if len(models) == 1:
+        (only,) = models.values()
+        out |= saved_for_backward(only.train(), data.lm_batch(stream, args.train_seqlen, args.train_batch, 0, 0))
+    return out
 
 
 def _child(args_list) -> dict:
@@ -208,10 +232,12 @@ def main() -> None:
         print(f"{names[k]:<46} {r[k]['median']:>9.2f} {r[k]['median'] / full:>7.2f}x "
               f"{r[k]['state_bytes'] / 2**20:>20.1f} {r[k]['trainable']:>11,}")
     print("targets: masked / floor <= 1.05x at dropout 0; optimizer state LoRA-sized")
-    print("\npeak memory while fine-tuning (each alone in a fresh process; growth over the loaded pruned model)")
+    print("\npeak memory while fine-tuning (each alone in a fresh process; growth over the loaded pruned model) and "
+          "what one forward keeps for backward")
     for k in ("masked", "plain", "full"):
         one = _child(["--kinds", k, "--steps", "1", *common])
-        print(f"  {names[k]:<46} +{one['extra_mib']:.0f} MiB")
+        print(f"  {names[k]:<46} +{one['extra_mib']:.0f} MiB; saved for backward {one['saved_bytes'] / 2**20:.0f} MiB, "
+              f"of which logits {one['logits_bytes'] / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The paper's claims, checked against a model's grids: a generated Markdown report (``losa claims``).
 
 Each claim is a comparison of perplexities (lower is better) or sparsities between cells of the ``<prefix>-*`` grids
-(``smollm2-seeds``, ``-steps``, ``-nm``, ``-table1-ppl``), read from MLflow like the tables. Over seeds a claim
+(``smollm2-seeds``, ``-table1-ppl``, ``-ablation``, ``-steps``, ``-nm``), read from MLflow like the tables; a cell that
+several grids share counts once. Over seeds a claim
 *holds* when it holds for the means and for every seed paired by seed, *holds on average* when only the means
 agree, and *fails* otherwise; a claim without its cells says so ("not measured"). Where a claim fails, the report
 adds the per-layer data of the cells involved (CKA, rates, reconstruction errors, ranks) so the reader can see why.
@@ -20,6 +21,7 @@ import pandas as pd
 from tasks.state import PROJECT_ROOT
 
 REPORT = PROJECT_ROOT / "docs" / "{prefix}-claims.md"
+GRIDS = ("seeds", "table1-ppl", "ablation", "steps", "nm")  # <prefix>-<grid> files the report reads
 
 
 @dataclass
@@ -95,28 +97,38 @@ def _compare(frame, label, better: dict, worse: dict, metric="ppl") -> Compariso
     return Comparison(label, _values(frame, metric, **better), _values(frame, metric, **worse))
 
 
-def claims(frames: dict[str, pd.DataFrame], why: Callable[[pd.DataFrame, dict], list[str]] | None = None
-           ) -> list[Claim]:
-    """The five claims of the paper on the frames of ``seeds``, ``steps``, ``nm`` and ``table1`` (any may be empty).
+COLUMNS = ("cell_id", "method", "pruner", "sparsity", "pattern", "ablate", "steps", "seed", "ppl",
+           "achieved_sparsity", "sparsity_before_merge", "label", "run_id")
 
-    Frames are :func:`flows.tracking.results_frame` outputs (one row per cell, ``seed`` column, metrics).
+
+def claims(results: pd.DataFrame, why: Callable[[pd.DataFrame, dict], list[str]] | None = None) -> list[Claim]:
+    """The five claims of the paper on the results of a model's grids (one row per cell, any grid, any seed).
+
+    ``results`` has :func:`flows.tracking.results_frame`'s columns; a cell that several grids share appears once.
     ``why(frame, where)`` returns per-layer lines for the cells matching ``where``, used when a claim fails.
     """
-    seeds, steps, nm, table1 = (frames.get(k, pd.DataFrame()) for k in ("seeds", "steps", "nm", "table1"))
+    frame = results if len(results) else pd.DataFrame(columns=list(COLUMNS))
+    if "cell_id" in frame:
+        frame = frame.drop_duplicates("cell_id")
+    frame = frame.assign(ablate=frame["ablate"].fillna(""), pattern=frame["pattern"].fillna("unstructured"))
+    seeds = steps = nm = table1 = frame  # every claim reads the one frame
+    steps = frame[frame["pattern"] == "unstructured"]
     out = []
-    pruners = sorted(set(seeds.get("pruner", [])) | set(table1.get("pruner", [])))
+    pruners = sorted(set(frame["pruner"].dropna()) - {""})
     unstructured = dict(pattern="unstructured")
+    # the grids' own T (the steps grid varies it): claims 1-3 compare cells at that T only
+    tuned = frame[frame["method"].isin(["lora", "losa"])]["steps"]
+    main_t = int(tuned.mode().iloc[0]) if len(tuned) else 0
 
     # 1. LoSA < LoRA < pruned at 60-70 %
     lines, verdicts, failed = [], [], []
     for pruner in pruners:
         for sparsity in (0.6, 0.7):
-            src = seeds if sparsity == 0.7 and len(seeds) else table1
-            if src.empty:
-                continue
+            src = frame
             base = dict(pruner=pruner, sparsity=sparsity, **unstructured)
-            a = _compare(src, "", dict(method="losa", ablate="", **base), dict(method="lora", **base))
-            b = _compare(src, "", dict(method="lora", **base), dict(method="pruned", **base))
+            a = _compare(src, "", dict(method="losa", ablate="", steps=main_t, **base),
+                         dict(method="lora", steps=main_t, **base))
+            b = _compare(src, "", dict(method="lora", steps=main_t, **base), dict(method="pruned", **base))
             for cmp, names in ((a, ("+LoSA", "+LoRA")), (b, ("+LoRA", "pruned"))):
                 v = cmp.verdict()
                 verdicts.append(v)
@@ -127,7 +139,7 @@ def claims(frames: dict[str, pd.DataFrame], why: Callable[[pd.DataFrame, dict], 
 
     # 2. LoSA keeps the target sparsity exactly; plain LoRA's merge makes the model dense
     lines, verdicts = [], []
-    src = pd.concat([f for f in (seeds, table1) if len(f)]) if len(seeds) or len(table1) else pd.DataFrame()
+    src = frame[frame["pattern"] == "unstructured"]
     if len(src):
         losa = src[(src.method == "losa") & (src.ablate == "") & src.achieved_sparsity.notna()]
         lora = src[(src.method == "lora") & src.achieved_sparsity.notna()]
@@ -150,8 +162,8 @@ def claims(frames: dict[str, pd.DataFrame], why: Callable[[pd.DataFrame, dict], 
 
     # 3. each of -LSR, -SRA, -DSA is worse than LoSA
     lines, verdicts, failed = [], [], []
-    for pruner in sorted(set(seeds.get("pruner", []))):
-        base = dict(pruner=pruner, sparsity=0.7, method="losa", **unstructured)
+    for pruner in pruners:
+        base = dict(pruner=pruner, sparsity=0.7, method="losa", steps=main_t, **unstructured)
         for ab in ("lsr", "sra", "dsa"):
             cmp = _compare(seeds, "", dict(ablate="", **base), dict(ablate=ab, **base))
             v = cmp.verdict()
@@ -168,6 +180,8 @@ def claims(frames: dict[str, pd.DataFrame], why: Callable[[pd.DataFrame, dict], 
         losa = steps[(steps.method == "losa") & (steps.ablate == "")]
         for (pruner, sparsity), group in losa.groupby(["pruner", "sparsity"]):
             one = _values(group[group.steps == 1])
+            if not one:
+                continue
             for T in sorted(t for t in group.steps.unique() if t > 1):
                 more = _values(group[group.steps == T])
                 v = verdict(more, one)
@@ -181,6 +195,7 @@ def claims(frames: dict[str, pd.DataFrame], why: Callable[[pd.DataFrame, dict], 
     # 5. mixed N:M beats uniform N:M at equal mean
     lines, verdicts, failed = [], [], []
     if len(nm):
+        nm = nm[(nm.ablate == "")]
         mixed = nm[nm.pattern.astype(str).str.startswith("mixed-")]
         for pattern in sorted(mixed.pattern.unique()):
             uniform = pattern.removeprefix("mixed-")
@@ -259,12 +274,11 @@ def write_report(prefix: str = "smollm2", out: Path | None = None) -> Path:
     from flows.grid import grid_results
     from flows.spec import load_grid
 
-    names = {"seeds": f"{prefix}-seeds", "steps": f"{prefix}-steps", "nm": f"{prefix}-nm",
-             "table1": f"{prefix}-table1-ppl"}
-    frames, budget, model = {}, "", prefix
-    for kind, name in names.items():
+    names = {kind: f"{prefix}-{kind}" for kind in GRIDS}
+    frames, budget, model = [], "", prefix
+    for name in names.values():
         spec = load_grid(name)
-        frames[kind], _ = grid_results(spec)
+        frames.append(grid_results(spec)[0])
         cfg = spec.cells()[0].config
         model = spec.models[0]
         budget = (f"calibration {cfg.nsamples} C4 windows × {cfg.seqlen}; T = {cfg.steps} (unless the grid varies "
@@ -273,5 +287,6 @@ def write_report(prefix: str = "smollm2", out: Path | None = None) -> Path:
                   f"fine-tuned method; first {cfg.eval_windows} WikiText-2 windows of {cfg.eval_seqlen}.")
     path = out or Path(str(REPORT).format(prefix=prefix))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(model, claims(frames, per_layer_lines), budget, names))
+    results = pd.concat(frames, ignore_index=True)
+    path.write_text(render(model, claims(results, per_layer_lines), budget, names))
     return path

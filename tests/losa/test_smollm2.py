@@ -80,3 +80,15 @@ def test_prunes_two_blocks(smollm2, method):
     with torch.no_grad():
         logits = model(calib[:1]).logits
     assert torch.isfinite(logits).all()
+
+
+def test_cli_resolves_the_name_and_refuses_missing_folders(tmp_path):
+    from argparse import Namespace
+
+    from flows.cli import _resolve_model
+    from losa import zoo
+
+    args = Namespace(model="smollm2-135m")
+    assert _resolve_model(args) == zoo.model_folder("smollm2-135m") == args.model
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        _resolve_model(Namespace(model=str(tmp_path / "nope")))
