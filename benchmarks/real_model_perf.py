@@ -31,22 +31,10 @@ import torch
 
 from losa import data, load_model, prune_model
 from losa.models import capture_first_block_inputs, embeddings_on, get_adapter, run_block
+from adapter_speed import step_seconds as _step  # noqa: E402 - the script's folder is on sys.path
+from prune_speed import reset_peak, rss_mib  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def rss_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak() -> None:
-    try:  # Linux: writing 5 resets VmHWM (the peak RSS) to the current RSS
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 @torch.no_grad()
@@ -109,14 +97,6 @@ def _variants(model, kinds, rank):
         else:
             out[kind] = get_peft_model(m, LoraConfig(r=rank, lora_alpha=16, lora_dropout=0.1, target_modules=targets))
     return out
-
-
-def _step(model, opt, batch) -> float:
-    t = time.perf_counter()
-    model(input_ids=batch, labels=batch).loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - t
 
 
 def saved_for_backward(model, batch) -> dict:

