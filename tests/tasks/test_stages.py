@@ -70,7 +70,8 @@ def test_a_key_moves_with_the_model_the_store_and_the_inputs_content(monkeypatch
 
 
 def test_a_stage_is_computed_once_then_read_from_the_store(tmp_path, monkeypatch):
-    from tasks.model import TESTBED, content_hash
+    from losa.zoo import TESTBED
+    from tasks.model import content_hash
 
     monkeypatch.setenv("LOSA_HOME", str(tmp_path))
     monkeypatch.setenv("LOSA_ARTIFACTS", str(tmp_path / "artifacts"))
