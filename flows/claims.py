@@ -279,8 +279,11 @@ def write_report(prefix: str = "smollm2", out: Path | None = None) -> Path:
     for name in names.values():
         spec = load_grid(name)
         frames.append(grid_results(spec)[0])
-        cfg = spec.cells()[0].config
+        tuned = [c.config for c in spec.cells() if c.config.method == "losa" and not c.config.ablate]
         model = spec.models[0]
+        if budget or not tuned:
+            continue  # the budget of the first grid with a LoSA cell (every grid of a prefix shares it)
+        cfg = tuned[0]
         budget = (f"calibration {cfg.nsamples} C4 windows × {cfg.seqlen}; T = {cfg.steps} (unless the grid varies "
                   f"it); {(cfg.steps - 1) * cfg.train_steps + cfg.final_train_steps} optimiser steps of "
                   f"{cfg.finetune.batch_size} × {cfg.finetune.seqlen} tokens (lr {cfg.finetune.lr:g}) for every "
