@@ -111,8 +111,7 @@ def claims(results: pd.DataFrame, why: Callable[[pd.DataFrame, dict], list[str]]
     if "cell_id" in frame:
         frame = frame.drop_duplicates("cell_id")
     frame = frame.assign(ablate=frame["ablate"].fillna(""), pattern=frame["pattern"].fillna("unstructured"))
-    seeds = steps = nm = table1 = frame  # every claim reads the one frame
-    steps = frame[frame["pattern"] == "unstructured"]
+    steps, nm = frame[frame["pattern"] == "unstructured"], frame
     out = []
     pruners = sorted(set(frame["pruner"].dropna()) - {""})
     unstructured = dict(pattern="unstructured")
@@ -135,7 +134,7 @@ def claims(results: pd.DataFrame, why: Callable[[pd.DataFrame, dict], list[str]]
                 lines.append(f"{pruner} {sparsity:.0%}: {cmp.describe(*names)} → **{v}**")
                 if v == "fails":
                     failed.append(dict(method="losa", ablate="", **base))
-    out.append(_claim("LoSA < LoRA < pruned in perplexity at 60–70 %", verdicts, lines, failed, seeds, why))
+    out.append(_claim("LoSA < LoRA < pruned in perplexity at 60–70 %", verdicts, lines, failed, frame, why))
 
     # 2. LoSA keeps the target sparsity exactly; plain LoRA's merge makes the model dense
     lines, verdicts = [], []
@@ -165,14 +164,14 @@ def claims(results: pd.DataFrame, why: Callable[[pd.DataFrame, dict], list[str]]
     for pruner in pruners:
         base = dict(pruner=pruner, sparsity=0.7, method="losa", steps=main_t, **unstructured)
         for ab in ("lsr", "sra", "dsa"):
-            cmp = _compare(seeds, "", dict(ablate="", **base), dict(ablate=ab, **base))
+            cmp = _compare(frame, "", dict(ablate="", **base), dict(ablate=ab, **base))
             v = cmp.verdict()
             verdicts.append(v)
             lines.append(f"{pruner} 70%: {cmp.describe('+LoSA', '−' + ab.upper())} → **{v}**")
             if v == "fails":
                 failed.append(dict(ablate=ab, **base))
     out.append(_claim("Each of −LSR, −SRA, −DSA is worse than LoSA", verdicts or ["not measured"], lines, failed,
-                      seeds, why))
+                      frame, why))
 
     # 4. T > 1 beats T = 1
     lines, verdicts, failed = [], [], []

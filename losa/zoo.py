@@ -12,6 +12,7 @@ dependency), so the package is located, never imported, and installed without it
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -84,7 +85,8 @@ def resolve(name: str, models_dir: Path | None = None, progress: bool = True) ->
     (a temporary sibling renamed into place), so concurrent first uses cannot leave a half-written model.
     """
     source = packaged_file(name)
-    sha = sha256(source)
+    stat = source.stat()
+    sha = _file_sha256(str(source), stat.st_size, stat.st_mtime_ns)
     root = models_dir or _state_dir() / "models"
     final = root / f"{name}-{sha[:16]}"
     if (final / "losa_source.json").is_file():
@@ -106,6 +108,12 @@ def resolve(name: str, models_dir: Path | None = None, progress: bool = True) ->
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, once per process for an unchanged file (every cell's model resolution asks for it)."""
+    return sha256(Path(path))
 
 
 def _convert(gguf: Path, out: Path) -> None:
