@@ -19,6 +19,7 @@ from losa.calibration import PruneReport
 from losa.stages import Finalized, Importance, Trained
 from tasks import stages as T
 from tasks.model import resolve_model
+from tasks import retention
 from tasks.stages import STAGE_VERSION, CellSpec
 from tasks.store import ArtifactStore, Ref
 
@@ -30,6 +31,7 @@ class TaskStages:
         from transformers import AutoConfig
 
         self.cell = cell
+        self.refs: list[Ref] = []  # every stage this cell read or wrote, in order (its record: tasks.retention)
         cfg = cell.config
         self.n_blocks = AutoConfig.from_pretrained(cell.model).num_hidden_layers
         self.calib = self._call(T.calibration) if cfg.method != "dense" else None
@@ -37,7 +39,9 @@ class TaskStages:
         self.tokens = self._call(T.train_tokens) if text else None
 
     def _call(self, stage, **params) -> Ref:
-        return T.configured(stage)(cell=self.cell, **params)
+        ref = T.configured(stage)(cell=self.cell, **params)
+        self.refs.append(ref)
+        return ref
 
     def dense(self) -> Ref:
         return T.model_ref(self.cell)
@@ -79,8 +83,9 @@ class _Missing(Exception):
 class CachedStages(TaskStages):
     """Walks a cell's stages through the artifact store only, counting those already computed (``losa check``)."""
 
-    def __init__(self, cell: CellSpec):
-        self.found = 0
+    def __init__(self, cell: CellSpec, keys: list[str] | None = None):
+        self.found, self.refs = 0, []
+        self.keys = [] if keys is None else keys
         self.store = ArtifactStore()
         super().__init__(cell)
 
@@ -89,20 +94,30 @@ class CachedStages(TaskStages):
         if ref is None:
             raise _Missing(stage.name)
         self.found += 1
+        self.keys.append(ref.key)
+        self.refs.append(ref)
         return ref
 
 
-def cached_stages(spec: CellSpec) -> tuple[int, bool]:
-    """(stages of this cell already in the store, whether the whole cell is)."""
+def cached_stages(spec: CellSpec, keys: list[str] | None = None) -> tuple[int, bool]:
+    """(stages of this cell already in the store, whether the whole cell is); ``keys`` collects their keys."""
+    stages, complete = walk(spec, keys)
+    return stages.found, complete
+
+
+def walk(spec: CellSpec, keys: list[str] | None = None) -> tuple[CachedStages, bool]:
+    """Follow a cell's stages through the store as far as they are cached: (the walker, with its ``refs``, and
+    whether the whole cell is cached)."""
     from losa.dsa import drive
 
     stages = CachedStages.__new__(CachedStages)  # keep the count even when the constructor's lookups miss
+    stages.found, stages.refs, stages.keys = 0, [], [] if keys is None else keys
     try:
-        stages.__init__(spec)
+        stages.__init__(spec, stages.keys)
         drive(spec.config, stages)
-        return stages.found, True
+        return stages, True
     except _Missing:
-        return stages.found, False
+        return stages, False
 
 
 def cell_spec(cell: Cell, as_task: bool = True) -> CellSpec:
@@ -116,28 +131,58 @@ def cell_key(spec: CellSpec) -> str:
 
 
 def run_cell(cell: Cell, grid: str, parent_run_id: str | None = None) -> dict:
-    """Run (or resume, or find cached) one cell, log it, return a summary row."""
+    """Run (or resume, or find cached) one cell, log it, return a summary row.
+
+    A cell that fails (diverged training, a failed merge check, any error) is logged as a FAILED run with the
+    reason and raises; one whose stored input turns out corrupt (removed by the store on read) is run once more,
+    which rebuilds what was removed."""
     from losa.dsa import drive
+    from tasks.store import CorruptArtifact
 
     logger = get_run_logger()
     spec = cell_spec(cell)
     key = cell_key(spec)
     store = ArtifactStore()
     before = len(store.computed())
-    clock = time.perf_counter()
-    report = drive(spec.config, TaskStages(spec)).to_dict()
+    started, clock = time.time(), time.perf_counter()
+    try:
+        try:
+            stages = TaskStages(spec)
+            report = drive(spec.config, stages).to_dict()
+        except CorruptArtifact as err:
+            logger.warning(f"{cell.describe()}: {err}; running the cell again")
+            stages = TaskStages(spec)
+            report = drive(spec.config, stages).to_dict()
+    except Exception as err:
+        reason = f"{type(err).__name__}: {err}"
+        tracking.log_failed(key, grid, cell, parent_run_id, reason, started)
+        logger.error(f"{cell.describe()}: failed ({reason})")
+        raise
     wall = time.perf_counter() - clock
     computed = store.computed()[before:]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
     extra = {"peak_rss_mib": peak, "stages_computed": len(computed), "wall_s": wall}
-    run_id = tracking.log_cell(key, grid, cell, report, parent_run_id, timings=report["timings"], extra_metrics=extra)
+    run_id = tracking.log_cell(key, grid, cell, report, parent_run_id, timings=report["timings"], extra_metrics=extra,
+                               started=started, ended=time.time())
+    retention.record_cell(store, key, stages.refs, run_id)  # the cell is done: its intermediates may go
     logger.info(f"{cell.describe()}: ppl {report['ppl']:.2f}, sparsity {report['sparsity']:.4f} "
                 f"({len(computed)} stages computed, {wall:.1f} s)")
     return {"cell_id": cell.id, "key": key, "run_id": run_id, "ppl": report["ppl"], "wall_s": wall,
             "stages_computed": len(computed), "stage_seconds": sum(c["seconds"] or 0.0 for c in computed)}
 
 
-@flow(name="losa-cell", log_prints=True)
+def _cell_run_name() -> str:
+    """Prefect's name for a cell's flow run: the cell's run name (``+LoSA wanda 70% T=3 · seed 0 · testbed``)."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    try:
+        return load_grid(params["grid"]).cell(params["cell_id"]).run_name
+    except Exception:  # noqa: BLE001 - a name must not fail the run; the validation error comes from the body
+        return f"cell {params.get('cell_id')}"
+
+
+@flow(name="losa-cell", log_prints=True, flow_run_name=_cell_run_name)
 def losa_cell(grid: str, cell_id: str, parent_run_id: str | None = None) -> dict:
     """One cell of a grid (by its id), e.g. submitted by ``losa-grid`` to a GPU work pool."""
     spec = load_grid(grid)

@@ -263,22 +263,75 @@ def _check(args) -> int:
     console.print(f"grid {spec.name} ({spec.path}): valid, {len(cells)} cells, table layout {spec.table}")
     if args.no_cache:
         return 0
-    from flows.cell import cached_stages, cell_spec
+    from flows.cell import cached_stages, cell_key, cell_spec
+    from tasks import retention
 
-    table = Table(title="cached stages (artifact store)")
-    for col in ("cell", "id", "stages cached", "complete"):
+    from tasks.store import ArtifactStore
+
+    store = ArtifactStore()
+    table = Table(title="cached stages (artifact store)" + (", re-hashed" if args.verify else ""))
+    for col in ("cell", "id", "stages cached", "complete") + (("corrupt (removed)",) if args.verify else ()):
         table.add_column(col)
     total = done = 0
     for cell in cells:
+        keys: list[str] = []
+        before = set(store.removed)
         try:
-            found, complete = cached_stages(cell_spec(cell, as_task=False))
+            spec_ = cell_spec(cell, as_task=False)
+            found, complete = cached_stages(spec_, keys)
+            record = retention.cell_record(store, cell_key(spec_))
+            if not complete and record is not None and (record.info["final"] is None or
+                                                         store.get(record.info["final"]) is not None):
+                # finished; its intermediates were dropped by the retention policy
+                keys = [k for k in record.info["stages"] if store.get(k) is not None]
+                found, complete = len(keys), True
+            if args.verify:
+                store.verify(list(dict.fromkeys(keys)))
         except FileNotFoundError as err:
             raise SystemExit(f"losa check: {err}") from None
+        bad = set(store.removed) - before  # by the lookups' cheap checks or by re-hashing
+        if bad:
+            found, complete = cached_stages(spec_)[0], False
         total, done = total + found, done + complete
-        table.add_row(cell.describe(), cell.id, str(found), "yes" if complete else "")
+        table.add_row(cell.describe(), cell.id, str(found), "yes" if complete else "",
+                      *((str(len(bad)) if bad else "",) if args.verify else ()))
     console.print(table)
     console.print(f"{done} of {len(cells)} cells complete; {total} stage artifacts cached")
+    if store.removed:
+        console.print(f"{len(store.removed)} corrupt artifacts found and removed (the next `losa grid {spec.name}` "
+                      "rebuilds them)")
+    elif args.verify:
+        console.print("every cached artifact matches its checksum")
+    return 1 if store.removed else 0
+
+
+def _gc(args) -> int:
+    from flows.spec import GRIDS_DIR
+    from flows.storage import apply, store_bytes
+
+    names = args.grids or sorted(p.stem for p in GRIDS_DIR.glob("*.yaml"))
+    grids = []
+    for name in names:
+        grid = _grid_or_exit(name, "gc")
+        try:
+            for cell in {c.model for c in grid.cells()}:
+                _resolve_model_quietly(cell)
+        except (FileNotFoundError, OSError, ValueError) as err:
+            print(f"losa gc: skipping grid {grid.name}: its model is not available here ({err})")
+            continue
+        grids.append(grid)
+    before = store_bytes()
+    dropped, freed = apply(grids, args.retain, dry_run=args.dry_run)
+    verb = "would free" if args.dry_run else "freed"
+    print(f"store: {before / 2**30:.2f} GiB; retain={args.retain} over {len(grids)} grids: {len(dropped)} "
+          f"intermediate snapshots, {verb} {sum(dropped.values()) / 2**30:.2f} GiB")
     return 0
+
+
+def _resolve_model_quietly(model: str) -> None:
+    from tasks.model import resolve_model
+
+    resolve_model.fn(model)
 
 
 def _tables(args) -> int:
@@ -451,7 +504,16 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate a grid; print its cells and how many stages are already cached")
     c.add_argument("grid", nargs="?", default="testbed")
     c.add_argument("--no-cache", action="store_true", help="only validate (no model hashing, no store lookups)")
+    c.add_argument("--verify", action="store_true",
+                   help="re-hash every cached artifact of the grid; remove the corrupt ones (rebuilt by the next run)")
     c.set_defaults(func=_check)
+
+    gc = sub.add_parser("gc", help="free the artifact store: drop finished cells' intermediate snapshots")
+    gc.add_argument("grids", nargs="*", help="grids whose cells count (default: every shipped grid)")
+    gc.add_argument("--retain", choices=("shared", "final"), default="shared",
+                    help="'shared': keep snapshots two cells use; 'final': keep only each cell's final model")
+    gc.add_argument("--dry-run", action="store_true", help="only report what would be freed")
+    gc.set_defaults(func=_gc)
 
     t = sub.add_parser("tables", help="a grid's tables and plots from MLflow (Markdown, CSV, parquet, LaTeX, PNG)")
     t.add_argument("grid", nargs="?", default="testbed")

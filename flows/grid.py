@@ -21,6 +21,7 @@ from prefect.task_runners import ProcessPoolTaskRunner
 from flows import tracking
 from flows.cell import cell_key, cell_spec, losa_cell
 from flows.spec import GRIDS_DIR, Grid, load_grid
+from tasks import retention
 from tasks.store import state_dir
 
 
@@ -77,6 +78,36 @@ def losa_grid(grid: str = "testbed", concurrency: int = 1, dispatch: str = "loca
     cells = spec.cells()
     parent = tracking.start_grid(spec.name, len(cells))  # also creates the MLflow database before any fan-out
     logger.info(f"grid {spec.name}: {len(cells)} cells, MLflow parent run {parent}")
+    status = "FAILED"
+    try:
+        summary = _run_cells(spec, ref, cells, parent, concurrency, dispatch, deployment, tables, logger)
+        status = "FINISHED"
+        return summary
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        try:
+            frame, _ = grid_results(spec)
+            finished, failed = int((frame.status == "finished").sum()), int((frame.status == "failed").sum())
+            record, metrics = _cells_record(frame), {"cells": len(cells), "cells_finished": finished,
+                                                     "cells_failed": failed,
+                                                     "cells_missing": len(cells) - finished - failed}
+        except Exception as err:  # noqa: BLE001 - the parent must still be closed
+            logger.warning(f"could not summarise the grid's cells: {err}")
+            record, metrics = None, None
+        tracking.end_grid(parent, status, cells=record, metrics=metrics)
+
+
+def _cells_record(frame) -> dict:
+    """Every cell of the grid with its latest run (wherever it was first logged) and status."""
+    return {r.cell_id: {"label": r.label, "run_id": r.run_id if isinstance(r.run_id, str) else None,
+                        "status": r.status or "not run", "ppl": None if r.ppl != r.ppl else float(r.ppl),
+                        **({"failure": r.failure} if r.failure else {})} for r in frame.itertuples()}
+
+
+def _run_cells(spec: Grid, ref: str, cells, parent: str, concurrency: int, dispatch: str, deployment: str,
+               tables: bool, logger) -> dict:
     # cheap cells first (dense, then pruned only), so the first rows of a table are on screen within minutes
     ids = [c.id for c in sorted(cells, key=lambda c: _COST_ORDER[c.config.method]) if not _up_to_date(c)]
     if len(ids) < len(cells):
@@ -96,6 +127,12 @@ def losa_grid(grid: str = "testbed", concurrency: int = 1, dispatch: str = "loca
             states = [losa_cell(ref, cid, parent, return_state=True) for cid in ids]
     failed = [(cid, s.message) for cid, s in zip(ids, states) if not s.is_completed()]
     summary = {"grid": spec.name, "cells": len(cells), "failed": [cid for cid, _ in failed], "parent_run_id": parent}
+    if ids and spec.retain != "all":  # finished cells' private intermediates go; unfinished cells keep their prefix
+        from flows.storage import apply
+
+        dropped, freed = apply([spec], spec.retain)
+        summary["store_freed_bytes"] = freed
+        logger.info(f"retain={spec.retain}: {len(dropped)} intermediate snapshots removed, {freed / 2**20:.1f} MiB freed")
     if tables:
         summary["tables"] = str(losa_tables(ref, parent_run_id=parent))
     if failed:
@@ -105,13 +142,21 @@ def losa_grid(grid: str = "testbed", concurrency: int = 1, dispatch: str = "loca
 
 
 def _up_to_date(cell) -> bool:
-    """Every stage of the cell is in the artifact store and its MLflow run exists: nothing to do."""
+    """The cell's record is in the artifact store (it finished; tasks.retention) with its final model, and its
+    MLflow run exists: nothing to do. Cells finished before records existed count when every stage is cached."""
     from flows.cell import cached_stages
+    from tasks.store import ArtifactStore
 
     if os.environ.get("LOSA_FRESH_RUNS") == "1":
         return False
     spec = cell_spec(cell, as_task=False)
-    return cached_stages(spec)[1] and tracking.find_cell_run(cell_key(spec)) is not None
+    key = cell_key(spec)
+    if tracking.find_cell_run(key) is None:
+        return False
+    store = ArtifactStore()
+    if (record := retention.cell_record(store, key)) is not None:
+        return record.info["final"] is None or store.get(record.info["final"]) is not None
+    return cached_stages(spec)[1]
 
 
 def grid_results(spec: Grid):
@@ -144,7 +189,7 @@ def losa_tables(grid: str = "testbed", parent_run_id: str | None = None, out_dir
     plot_ppl_vs_sparsity(frame, out / "ppl_vs_sparsity.png")
     mlflow = tracking.setup()
     client = mlflow.tracking.MlflowClient()
-    losa = frame[frame.method == "losa"].dropna(subset=["run_id"])
+    losa = frame[(frame.method == "losa") & (frame.status == "finished")]
     names = {cid: spec.cell(cid).describe() for cid in losa.cell_id}
     clash = {n for n in names.values() if list(names.values()).count(n) > 1}  # cells alike but for unnamed settings
     for row in losa.itertuples():
@@ -155,9 +200,8 @@ def losa_tables(grid: str = "testbed", parent_run_id: str | None = None, out_dir
             path = plot(report, out / cell_plot_name(name, name_of))
             if f"plots/{path.name}" not in logged:  # on the cell's own run too, once
                 client.log_artifact(row.run_id, str(path), artifact_path="plots")
-    if parent_run_id:
-        with mlflow.start_run(run_id=parent_run_id):
-            mlflow.log_artifacts(str(out), artifact_path="tables")
+    if parent_run_id:  # through the client: start_run/end_run would close the parent, which its grid closes
+        client.log_artifacts(parent_run_id, str(out), artifact_path="tables")
     print(results_markdown(tables, title=spec.description))
     print(f"tables written to {out}")
     return out
@@ -225,10 +269,9 @@ def losa_regression(grid: str = "testbed", baseline: str | None = None, fresh: b
             os.environ.pop("LOSA_FRESH_RUNS", None)
     frame, _ = grid_results(spec)
     moved = compare(frame, expected)
-    mlflow = tracking.setup()
-    with mlflow.start_run(run_id=summary["parent_run_id"]):
-        mlflow.set_tag("losa.regression", "failed" if moved else "passed")
-        mlflow.log_dict({"moved": moved, "baseline": str(path)}, "regression.json")
+    client = tracking.setup().tracking.MlflowClient()
+    client.set_tag(summary["parent_run_id"], "losa.regression", "failed" if moved else "passed")
+    client.log_dict(summary["parent_run_id"], {"moved": moved, "baseline": str(path)}, "regression.json")
     if moved:
         import pandas as pd
 

@@ -109,6 +109,20 @@ class Cell(BaseModel):
         """One line, e.g. ``testbed wanda 70% unstructured +LoSA T=3 seed 0``."""
         return _describe(self.model, self.config.model_dump())
 
+    @property
+    def run_name(self) -> str:
+        """What differs first, for run tables: ``+LoSA wanda 70% T=3 · seed 0 · smollm2-135m`` (the pattern shown
+        when not unstructured, T for LoSA only: the baselines run one step)."""
+        cfg = self.config
+        if cfg.method == "dense":
+            head = "dense"
+        else:
+            head = f"{cfg.label} {cfg.pruner} " + (f"{cfg.pattern}" if cfg.pattern != "unstructured" else
+                                                   f"{cfg.sparsity * 100:g}%")
+            if cfg.method == "losa" and "dsa" not in cfg.ablate:
+                head += f" T={cfg.steps}"
+        return f"{head} · seed {cfg.seed} · {Path(self.model).name}"
+
 
 class Grid(BaseModel):
     """A grid of cells as one YAML file states it. :meth:`cells` expands, canonicalises and validates it."""
@@ -125,6 +139,8 @@ class Grid(BaseModel):
     include: list[dict] = []
     exclude: list[dict] = []
     published: list[Published] = []
+    # what the artifact store keeps once cells finish (tasks/retention.py): all | shared | final
+    retain: Literal["all", "shared", "final"] = "shared"
     path: Path | None = None
 
     _cells: list[Cell] | None = PrivateAttr(None)

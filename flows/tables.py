@@ -2,8 +2,8 @@
 
 Pure pandas (plots: ``flows.plots``). :func:`results_frame` builds the frame from the grid's typed cells and their
 metrics; :func:`build_tables` also takes frames written by hand (``published`` numbers too), whose columns it
-normalises. Every layout returns plain string tables, so a failed cell (NaN metric) is an empty string, never an
-error.
+normalises. Every layout returns plain string tables: a cell without a result is an empty string, a cell whose run
+failed (``status`` ``failed``: diverged, merge check failed, any error) reads ``failed``, never a number.
 
 Format decisions (the tests pin them):
 
@@ -47,12 +47,12 @@ LAYOUTS: tuple[str, ...] = get_args(Layout)
 METRICS = ("ppl", "ppl_pruned", "ppl_unmerged", "achieved_sparsity", "sparsity_before_merge", "trainable_params")
 _METRIC_ALIASES = {"perplexity": "ppl", "wikitext2_ppl": "ppl", "sparsity": "achieved_sparsity"}
 _DEFAULTS = {"model": "", "method": "", "pruner": "", "pattern": "unstructured", "ablate": "", "sparsity": np.nan,
-             "steps": np.nan, "seed": 0, "eval_seqlen": np.nan, **{m: np.nan for m in METRICS}}
+             "steps": np.nan, "seed": 0, "eval_seqlen": np.nan, **{m: np.nan for m in METRICS}, "status": ""}
 _ZEROSHOT_NOTE = "zero-shot accuracy is not measured yet; this table shows WikiText-2 perplexity"
 
 
 COLUMNS = ["cell_id", "grid", "model", "label", "method", "pruner", "sparsity", "pattern", "ablate", "steps", "seed",
-           "eval_seqlen", *METRICS, "run_id"]
+           "eval_seqlen", *METRICS, "run_id", "status", "failure"]
 
 
 def results_frame(cells: list[Cell], metrics: dict[str, dict]) -> pd.DataFrame:
@@ -65,7 +65,8 @@ def results_frame(cells: list[Cell], metrics: dict[str, dict]) -> pd.DataFrame:
                      "method": cfg.method, "pruner": cfg.pruner, "sparsity": cfg.sparsity, "pattern": cfg.pattern,
                      "ablate": ",".join(cfg.ablate), "steps": cfg.steps, "seed": cfg.seed,
                      "eval_seqlen": cfg.eval_seqlen, **{m: got.get(m, np.nan) for m in METRICS},
-                     "run_id": got.get("run_id", np.nan)})
+                     "run_id": got.get("run_id", np.nan), "status": got.get("status", ""),
+                     "failure": got.get("failure", "")})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -140,16 +141,18 @@ def _fmt_diff(v: float, kind: str) -> str:
     return f"{v * 100:+.1f} pp" if kind == "pct" else f"{v:+.2f}"
 
 
-def _aggregate(values: pd.Series, kind: str, seeds: bool) -> tuple[str, float | None]:
+def _aggregate(values: pd.Series, kind: str, seeds: bool, status: pd.Series | None = None
+               ) -> tuple[str, float | None]:
     """Text and mean of the metric over the cells at one table position (see the module docstring)."""
     n_cells, v = len(values), values.dropna()
     k = len(v)
+    failed = int((status == "failed").sum()) if status is not None else 0
     if k == 0:
-        return "", None
+        return ("failed" if failed == n_cells else f"failed ({failed} of {n_cells})") if failed else "", None
     mean = float(v.mean())
     if n_cells == 1 and not seeds:
         return _fmt(mean, kind), mean
-    count = f"n={k}" if k == n_cells else f"n={k} of {n_cells}"
+    count = f"n={k}" if k == n_cells else f"n={k} of {n_cells}" + (f", {failed} failed" if failed else "")
     if k == 1:
         return f"{_fmt(mean, kind)} ({count})", mean
     sd = float(v.std(ddof=1))
@@ -288,12 +291,12 @@ def _table(rows: list[_Row], cells: pd.DataFrame, scope: _Scope, published: _Pub
     notes = list(notes)
     for row in rows:
         if row.broadcast:
-            text, mean = _aggregate(row.cells[row.metric], row.kind, seeds)
+            text, mean = _aggregate(row.cells[row.metric], row.kind, seeds, row.cells["status"])
             texts, means = dict.fromkeys(columns, text), dict.fromkeys(columns, mean)
         else:
             texts, means = {}, {}
             for col, g in row.cells.groupby("_col", sort=False):
-                texts[col], means[col] = _aggregate(g[row.metric], row.kind, seeds)
+                texts[col], means[col] = _aggregate(g[row.metric], row.kind, seeds, g["status"])
         body[row.label] = texts
         if published is None or row.method is None:
             continue

@@ -8,6 +8,7 @@ deterministic, cheap to start, and readable, and the defaults are the official o
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,30 @@ from . import data
 from .config import FinetuneConfig  # noqa: F401 - re-exported (its home is the torch-free config)
 
 IGNORE_INDEX = -100
+
+
+class Diverged(RuntimeError):
+    """Training or evaluation gave a number that is not a result: non-finite, or no better than uniform guessing
+    over the vocabulary (loss ln |V|, perplexity |V|). The cell fails with this message (method.md §8)."""
+
+
+def uniform_loss(model: torch.nn.Module) -> float | None:
+    """ln |V|: the loss of a model that guesses uniformly over its vocabulary (None when the size is unknown)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    return math.log(vocab) if vocab else None
+
+
+def diverged(losses: Sequence[float], uniform: float | None) -> bool:
+    """Training diverged: it ended worse than it started (by 1 % of ln |V|) and within 1 % of uniform guessing or
+    above. Both, because a random-init model starts at ln |V| and may legitimately stay there for a few steps."""
+    if uniform is None or not losses:
+        return False
+    return losses[-1] >= 0.99 * uniform and losses[-1] > losses[0] + 0.01 * uniform
+
+
+def check_finite_loss(loss: float, step: int, steps: int) -> None:
+    if not math.isfinite(loss):
+        raise Diverged(f"training loss is {loss} at optimiser step {step} of {steps}: training diverged")
 
 
 @dataclass
@@ -87,6 +112,7 @@ def finetune(
             loss.backward()
             total += loss.item()
             result.tokens += int(batch["input_ids"].numel())
+        check_finite_loss(total, step + 1, steps)  # before the update: a NaN gradient would poison every weight
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         sched.step()
@@ -97,6 +123,10 @@ def finetune(
             log({"loss": total, "lr": sched.get_last_lr()[0]}, step)
     model.train(was_training)
     result.seconds = time.perf_counter() - t0
+    if diverged(result.losses, uniform_loss(model)):
+        raise Diverged(f"training loss went from {result.losses[0]:.3f} to {result.losses[-1]:.3f} in {steps} "
+                       f"optimiser steps, ending no better than uniform guessing (ln |V| = {uniform_loss(model):.3f})"
+                       ": training diverged")
     return result
 
 

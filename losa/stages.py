@@ -169,8 +169,13 @@ def perplexity(model: nn.Module, tokenizer, cfg: LosaConfig, text: str | None = 
     """WikiText-2 test perplexity (method.md §6) of the model as it is (with its adapter, if it has one)."""
     from .evaluate import perplexity as ppl
 
+    from .finetune import Diverged
+
     text = data.wikitext2_test_text() if text is None else text
-    return ppl(model, tokenizer, text, cfg.eval_seqlen, cfg.eval_batch_size, cfg.eval_windows, progress=progress)
+    value = ppl(model, tokenizer, text, cfg.eval_seqlen, cfg.eval_batch_size, cfg.eval_windows, progress=progress)
+    if not math.isfinite(value):
+        raise Diverged(f"perplexity is {value}: the model's outputs are not finite")
+    return value
 
 
 def _train(model, tokenizer, cfg: LosaConfig, t: int, stream, log, progress: bool, desc: str):

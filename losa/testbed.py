@@ -169,7 +169,7 @@ def build(recipe: TestbedRecipe, out_dir: Path, work_dir: Path, log=print) -> di
         tokenizer.save_pretrained(tok_dir)
         torch.save({"train": token_stream(tokenizer, train_texts), "val": token_stream(tokenizer, val_texts)}, streams)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    s = torch.load(streams)
+    s = torch.load(streams, weights_only=True)
     train_stream, val_stream = s["train"], s["val"]
     log(f"tokens: {train_stream.numel():,} train / {val_stream.numel():,} validation ({time.time() - t0:.0f} s)")
 
@@ -184,7 +184,7 @@ def build(recipe: TestbedRecipe, out_dir: Path, work_dir: Path, log=print) -> di
     ckpt = work_dir / f"checkpoint-{_key(recipe, tuple(TestbedRecipe.model_fields))}.pt"
     step, history, train_seconds = 0, [], 0.0
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)  # tensors, numbers and lists only: no pickle
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])

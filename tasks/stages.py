@@ -3,9 +3,13 @@
 
 Every task's cache key (:func:`cache_key`) holds the stage name and version, the config fields the stage reads, its
 own parameters, and the content hashes of its input artifacts. The same key addresses the artifact store, so a
-stage whose artifact exists is never recomputed, whether Prefect's cache record survived or not. SERIALIZABLE
-isolation (a file lock per key) makes concurrent cells that need the same stage wait for one computation instead of
-racing. Prefect persists only the returned :class:`~tasks.store.Ref` (a pointer plus small JSON info).
+stage whose artifact exists is never recomputed. SERIALIZABLE isolation (a file lock per key, tied to a live holder:
+:mod:`tasks.locks`) makes concurrent cells that need the same stage wait for one computation instead of racing.
+
+The artifact store, not Prefect's result record, decides a cache hit: every task body looks its key up in the store
+(whose manifests are checked, :mod:`tasks.store`), so an artifact removed as corrupt is rebuilt instead of being
+served from a stale record, and no pickle is ever read: Prefect persists only the returned
+:class:`~tasks.store.Ref` (a pointer plus small JSON info), with its JSON serializer.
 """
 
 from __future__ import annotations
@@ -18,12 +22,12 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import CacheKeyFnPolicy
-from prefect.locking.filesystem import FileSystemLockManager
 from pydantic import BaseModel, ConfigDict
 
 from losa import METHOD_VERSION, snapshot, stages
 from losa.config import LosaConfig
 
+from .locks import LiveLockManager
 from .state import artifacts_url, state_dir
 from .store import ArtifactStore, Ref, stage_key
 
@@ -99,11 +103,20 @@ def stage_task(stage: str):
 
 
 def configured(stage_task):
-    """The task bound to the current state folder: its cache records, results and locks live there."""
+    """The task bound to the current state folder: its cache records, results and locks live there.
+
+    ``refresh_cache``: Prefect never serves a hit from its own record (see the module docstring); the body's store
+    lookup does, after the lock is held."""
     state = state_dir()
     policy = CacheKeyFnPolicy(cache_key_fn=lambda ctx, params: cache_key(stage_task.name, params)).configure(
-        isolation_level="SERIALIZABLE", lock_manager=FileSystemLockManager(state / "locks"))
-    return stage_task.with_options(cache_policy=policy, result_storage=state / "prefect-results")
+        isolation_level="SERIALIZABLE", lock_manager=_lock_manager(state / "locks"))
+    return stage_task.with_options(cache_policy=policy, result_storage=state / "prefect-results",
+                                   result_serializer="json", refresh_cache=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _lock_manager(folder):
+    return LiveLockManager(folder)  # one per folder and process: one heartbeat renews all the locks it holds
 
 
 def _without_private(fn):

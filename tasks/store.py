@@ -5,6 +5,11 @@ on the same inputs always lands on the same key, so the key doubles as the stage
 the sha256 of its tensor file, which is the *content* hash later stages key on. The manifest is written last (after
 the tensors, each via a temporary name and a rename), so an interrupted write leaves no artifact behind.
 
+Corruption is caught at three depths: :meth:`ArtifactStore.get` checks the manifest's own checksum and the tensor
+file's size (cheap: every cache lookup does it), :meth:`ArtifactStore.tensors` checks the content hash of what it
+reads, and :meth:`ArtifactStore.verify` re-hashes everything (``losa check --verify``). A corrupt artifact is logged
+and removed, so the stage that wrote it runs again on its next lookup and rebuilds it from its inputs.
+
 Default root: ``$LOSA_ARTIFACTS`` (any fsspec URL, e.g. ``s3://bucket/losa`` when a grid spans machines), else
 ``<state>/artifacts`` with ``<state>`` = ``$LOSA_HOME`` or ``<repo>/.state``.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -27,6 +33,15 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .state import PROJECT_ROOT, artifacts_url, state_dir  # noqa: F401 - re-exported
+
+log = logging.getLogger("losa.store")
+
+
+_REMOVED: dict[str, dict[str, str]] = {}
+
+
+class CorruptArtifact(RuntimeError):
+    """An artifact failed its checks; it has been removed, so recomputing its stage rebuilds it."""
 
 
 class Ref(BaseModel):
@@ -57,6 +72,8 @@ class ArtifactStore:
     def __init__(self, root: str | os.PathLike | None = None):
         root = root or artifacts_url()
         self.fs, self.root = fsspec.core.url_to_fs(str(root))
+        # corrupt artifacts removed in this process, by any instance on this root: key -> reason
+        self.removed: dict[str, str] = _REMOVED.setdefault(self.root, {})
         self.fs.makedirs(self.root, exist_ok=True)
 
     def _dir(self, key: str) -> str:
@@ -68,14 +85,83 @@ class ArtifactStore:
             f.write(payload)
         self.fs.mv(tmp, path)
 
-    def get(self, key: str) -> Ref | None:
-        """The committed artifact under ``key``, or None."""
+    def _manifest(self, key: str) -> dict | None:
+        """The manifest under ``key`` if it is committed and passes the cheap checks; a corrupt one is removed."""
         path = f"{self._dir(key)}/manifest.json"
         if not self.fs.exists(path):
             return None
         with self.fs.open(path, "rb") as f:
-            manifest = json.loads(f.read())
+            raw = f.read()
+        try:
+            manifest = json.loads(raw)
+            problem = _manifest_problem(manifest)
+        except (ValueError, TypeError, AttributeError):
+            problem = "manifest is not valid JSON"
+        if problem is None and manifest.get("has_tensors"):
+            tensors = f"{self._dir(key)}/tensors.safetensors"
+            if not self.fs.exists(tensors):
+                problem = "tensor file is missing"
+            elif "bytes" in manifest and self.fs.size(tensors) != manifest["bytes"]:
+                problem = f"tensor file has {self.fs.size(tensors)} bytes, its manifest says {manifest['bytes']}"
+        if problem is not None:
+            self.remove(key, problem)
+            return None
+        return manifest
+
+    def get(self, key: str) -> Ref | None:
+        """The committed artifact under ``key``, or None (also when it was corrupt: it is then removed)."""
+        manifest = self._manifest(key)
+        if manifest is None:
+            return None
         return Ref(stage=manifest["stage"], key=key, sha256=manifest["sha256"], info=manifest["info"])
+
+    def manifest(self, key: str) -> dict | None:
+        """The checked manifest of ``key`` (None if absent or corrupt)."""
+        return self._manifest(key)
+
+    def size(self, key: str) -> int:
+        """Bytes on disk of an artifact (manifest and tensors)."""
+        return sum(self.fs.size(p) for p in self.fs.find(self._dir(key)))
+
+    def delete(self, key: str) -> None:
+        """Remove an artifact that nothing needs any more (retention; see :mod:`tasks.retention`)."""
+        try:
+            self.fs.rm(self._dir(key), recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def remove(self, key: str, reason: str) -> None:
+        """Delete an artifact (logged with ``reason``); its stage rebuilds it when next asked."""
+        log.warning("artifact %s is corrupt (%s): removed, its stage will rebuild it", key[:12], reason)
+        self.removed[key] = reason
+        try:
+            self.fs.rm(self._dir(key), recursive=True)
+        except FileNotFoundError:  # removed concurrently
+            pass
+        with self.fs.open(f"{self.root}/removed.jsonl", "ab") as f:
+            f.write((json.dumps({"key": key, "reason": reason, "time": time.time()}) + "\n").encode())
+
+    def keys(self) -> list[str]:
+        """Every key with a committed manifest."""
+        return sorted(p.rstrip("/").split("/")[-2] for p in self.fs.glob(f"{self.root}/*/*/manifest.json"))
+
+    def verify(self, keys: list[str] | None = None) -> dict[str, str]:
+        """Re-hash every artifact in ``keys`` (default: all); the corrupt ones are removed. {key: problem}."""
+        bad = {}
+        for key in keys if keys is not None else self.keys():
+            present = self.fs.exists(f"{self._dir(key)}/manifest.json")
+            manifest = self._manifest(key)
+            if manifest is None:
+                if present:  # failed the cheap checks and was removed
+                    bad[key] = "manifest or tensor file damaged"
+                continue
+            if manifest.get("has_tensors"):
+                with self.fs.open(f"{self._dir(key)}/tensors.safetensors", "rb") as f:
+                    sha = hashlib.sha256(f.read()).hexdigest()
+                if sha != manifest["sha256"]:
+                    bad[key] = "content hash mismatch"
+                    self.remove(key, bad[key])
+        return bad
 
     def put(self, stage: str, key: str, info: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None,
             metadata: Mapping[str, str] | None = None, seconds: float | Callable[[], float] | None = None) -> Ref:
@@ -85,16 +171,18 @@ class ArtifactStore:
         """
         self.fs.makedirs(self._dir(key), exist_ok=True)
         info = json.loads(json.dumps(dict(info)))  # JSON types only (tuples -> lists), as a reader will see them
+        size = 0
         if tensors is not None:
             payload = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, dict(metadata or {}))
-            sha = hashlib.sha256(payload).hexdigest()
+            sha, size = hashlib.sha256(payload).hexdigest(), len(payload)
             self._write(f"{self._dir(key)}/tensors.safetensors", payload)
         else:
             sha = digest(info)
         if callable(seconds):
             seconds = seconds()
         manifest = {"stage": stage, "key": key, "sha256": sha, "info": info, "has_tensors": tensors is not None,
-                    "created": time.time(), "seconds": seconds}
+                    "bytes": size, "created": time.time(), "seconds": seconds}
+        manifest["checksum"] = digest(manifest)
         self._write(f"{self._dir(key)}/manifest.json", json.dumps(manifest, indent=1).encode())
         with self.fs.open(f"{self.root}/computed.jsonl", "ab") as f:  # what actually ran, for the benchmarks
             f.write((json.dumps({"stage": stage, "key": key, "seconds": seconds, "time": time.time()}) + "\n").encode())
@@ -102,10 +190,17 @@ class ArtifactStore:
 
     def tensors(self, ref: Ref) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """(tensors, safetensors metadata) of an artifact, checked against its content hash."""
-        with self.fs.open(f"{self._dir(ref.key)}/tensors.safetensors", "rb") as f:
-            payload = f.read()
+        try:
+            with self.fs.open(f"{self._dir(ref.key)}/tensors.safetensors", "rb") as f:
+                payload = f.read()
+        except FileNotFoundError:
+            self.remove(ref.key, "tensor file missing on read")
+            raise CorruptArtifact(f"artifact {ref.stage} {ref.key[:12]} lost its tensor file: removed; rerunning the "
+                                  "cell rebuilds it") from None
         if hashlib.sha256(payload).hexdigest() != ref.sha256:
-            raise RuntimeError(f"artifact {ref.stage} {ref.key[:12]} is corrupt: content hash mismatch")
+            self.remove(ref.key, "content hash mismatch on read")
+            raise CorruptArtifact(f"artifact {ref.stage} {ref.key[:12]} was corrupt (content hash mismatch): removed; "
+                                  "rerunning the cell rebuilds it")
         return st_load(payload), _metadata(payload)  # load() drops the metadata
 
     def computed(self) -> list[dict]:
@@ -115,6 +210,16 @@ class ArtifactStore:
             return []
         with self.fs.open(path, "rb") as f:
             return [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    if not isinstance(manifest, dict) or not {"stage", "sha256", "info"} <= manifest.keys():
+        return "manifest lacks its fields"
+    if "checksum" in manifest:  # manifests written before checksums were added have none
+        body = {k: v for k, v in manifest.items() if k != "checksum"}
+        if digest(body) != manifest["checksum"]:
+            return "manifest checksum mismatch"
+    return None
 
 
 def _metadata(payload: bytes) -> dict[str, str]:

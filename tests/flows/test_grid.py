@@ -9,7 +9,11 @@ the failure-and-resume run. Flow modules are imported inside the fixtures, after
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,6 +33,7 @@ MICRO = {
               "finetune": {"batch_size": 2, "seqlen": 64}},
     "axes": {"sparsity": [0.7], "pruner": ["wanda"], "method": ["pruned", "lora", "losa"]},
     "include": [{"method": "dense"}],
+    "retain": "all",  # the tests below walk every stage of finished cells; test_retention covers the others
 }
 
 
@@ -85,22 +90,19 @@ def mlflow_runs(**tags) -> pd.DataFrame:
     return mlflow.search_runs(experiment_names=[tracking.EXPERIMENT], filter_string=where)
 
 
+def mlflow_client():
+    from flows import tracking
+
+    return tracking.setup().tracking.MlflowClient()
+
+
 def stage_refs(spec) -> list:
     """The artifact Ref of every stage of a cell, in drive order, looked up in the store (nothing computed)."""
-    from flows.cell import CachedStages
-    from losa.dsa import drive
+    from flows.cell import walk
 
-    class Recorder(CachedStages):
-        def _call(self, stage, **params):
-            ref = super()._call(stage, **params)
-            self.refs.append(ref)
-            return ref
-
-    rec = Recorder.__new__(Recorder)
-    rec.refs = []
-    rec.__init__(spec)
-    drive(spec.config, rec)
-    return rec.refs
+    stages, complete = walk(spec)
+    assert complete
+    return stages.refs
 
 
 def by_method(grid) -> dict:
@@ -215,7 +217,15 @@ def test_the_cell_flow_hands_drive_its_task_executor(first, monkeypatch):
 def test_rerun_computes_and_logs_nothing(first, second):
     from flows.cell import cached_stages, cell_spec
 
-    assert second.summary["failed"] == [] and second.summary["parent_run_id"] != first.summary["parent_run_id"]
+    # one parent per grid: the relaunch attaches to it, and it records both launches, each closed as FINISHED
+    assert second.summary["failed"] == [] and second.summary["parent_run_id"] == first.summary["parent_run_id"]
+    parent = mlflow_client().get_run(first.summary["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.metrics["cells_finished"] == 4
+    launches = json.loads(Path(mlflow_client().download_artifacts(parent.info.run_id, "launches.json")).read_text())
+    assert [x["status"] for x in launches] == ["FINISHED", "FINISHED"]
+    cells = json.loads(Path(mlflow_client().download_artifacts(parent.info.run_id, "cells.json")).read_text())
+    assert sorted(cells) == sorted(c.id for c in first.grid.cells())
+    assert {c["status"] for c in cells.values()} == {"finished"}
     assert second.lines_after == second.lines_before
     assert second.cell_runs_after == second.cell_runs_before == 4
     for cell in first.grid.cells():
@@ -274,9 +284,16 @@ def test_failed_cell_fails_the_grid_and_rerun_resumes(losa_env, tmp_path, monkey
         state = losa_grid(str(path), return_state=True)
     assert state.is_failed()
     assert methods["losa"].describe() in state.message and "1 of 2 cells failed" in state.message
-    finished = mlflow_runs(**{"losa.kind": "cell"})
-    assert list(finished["tags.losa.cell_id"]) == [methods["pruned"].id]
-    assert (finished.status == "FINISHED").all()
+    runs = mlflow_runs(**{"losa.kind": "cell"}).set_index("tags.losa.cell_id")
+    assert sorted(runs.index) == sorted([methods["pruned"].id, methods["losa"].id])
+    assert runs.loc[methods["pruned"].id, "status"] == "FINISHED"
+    # the failed cell: a FAILED run that says why, "failed" in the table (not blank, not a number), parent FAILED
+    assert runs.loc[methods["losa"].id, "status"] == "FAILED"
+    assert runs.loc[methods["losa"].id, "tags.losa.failure"] == "RuntimeError: injected fine-tuning failure"
+    table = (state_dir() / "outputs" / "micro" / "tables.md").read_text()
+    assert "| +LoSA  | failed |" in table, table
+    parent = mlflow_runs(**{"losa.kind": "grid"})
+    assert list(parent.status) == ["FAILED"] and parent["metrics.cells_failed"].iloc[0] == 1
     failed_run = ArtifactStore().computed()
     done = {c["key"] for c in failed_run}
     assert {"calibration", "dense_outputs", "importance", "prune"} <= {c["stage"] for c in failed_run}
@@ -288,13 +305,15 @@ def test_failed_cell_fails_the_grid_and_rerun_resumes(losa_env, tmp_path, monkey
     assert resumed[0]["stage"] == "finetune"  # the failed stage comes first
     assert not done & {c["key"] for c in resumed}
     # t = 1's fine-tuning, then step 2 (merge, LSR of the merged model, prune, fine-tune), finalize, perplexity
-    assert Counter(c["stage"] for c in resumed) == {"finetune": 2, "merge": 1, "importance": 1, "prune": 1,
+    assert Counter(c["stage"] for c in resumed) == {"finetune": 2, "merge": 1, "importance": 1, "prune": 1, "cell": 1,
                                                     "finalize": 1, "perplexity": 1}
     step1 = [r.key for r in stage_refs(cell_spec(methods["losa"], as_task=False))
              if r.stage in ("importance", "prune")][:2]  # LSR of the dense model and the step-1 prune
     assert len(step1) == 2 and set(step1) <= done
     cells = mlflow_runs(**{"losa.kind": "cell"})
-    assert sorted(cells["tags.losa.cell_id"]) == sorted([methods["pruned"].id, methods["losa"].id])
+    assert sorted(cells[cells.status == "FINISHED"]["tags.losa.cell_id"]) == sorted([methods["pruned"].id,
+                                                                                     methods["losa"].id])
+    assert list(mlflow_runs(**{"losa.kind": "grid"}).status) == ["FINISHED"]  # the same parent, now finished
     assert losa_env.state.resolve() != state_dir()
 
 
@@ -366,3 +385,105 @@ def test_tracking_follows_losa_home(losa_env, tmp_path, monkeypatch):
     tracking.setup()  # as every flow does
     monkeypatch.setenv("LOSA_HOME", str(tmp_path))
     assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+
+
+# --------------------------------------------------------------------------------------------- reliability
+
+
+def _cli_env(state: Path) -> dict:
+    from prefect.settings import PREFECT_API_URL
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "LOSA_ARTIFACTS")}
+    return {**env, "LOSA_HOME": str(state), "PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
+def _runs_by_cell(state: Path) -> dict:
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{state / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("losa")
+    return {r.data.tags["losa.cell_id"]: r for r in client.search_runs(
+        [exp.experiment_id], "tags.`losa.kind` = 'cell' and attributes.status = 'FINISHED'")}
+
+
+def test_kills_inside_stages_restart_unattended_with_identical_results(first, losa_env, tmp_path):
+    """SIGKILL at three points inside stages (each time while a stage holds its lock), then one plain restart: the
+    grid finishes without help, the dead holders' locks are broken, results equal the uninterrupted run's, the
+    killed launches are recorded as KILLED; then corruption: found, removed and rebuilt bit-identically."""
+    root = Path(__file__).resolve().parents[2]
+    path = write_grid(tmp_path / "grids", ["pruned", "losa"], name="killed")
+    state = tmp_path / "state"
+    argv, env = [sys.executable, "-m", "flows.cli", "grid", str(path)], _cli_env(state)
+    killed: list[str] = []
+    for _ in range(3):
+        proc = subprocess.Popen(argv, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 600
+        while proc.poll() is None and time.time() < deadline:
+            fresh = [p.stem for p in (state / "locks").glob("*.lock") if p.stem not in killed]
+            if fresh:  # a stage not killed before holds its lock: it is computing right now
+                os.kill(proc.pid, signal.SIGKILL)
+                killed.append(fresh[0])
+                break
+            time.sleep(0.005)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, "the grid finished before it could be killed inside a stage"
+    assert len(set(killed)) == 3
+    assert list((state / "locks").glob("*.lock")), "no lock was left behind: the kills tested nothing"
+    done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "breaking the lock" in done.stdout + done.stderr
+    assert list((state / "locks").glob("*.lock")) == []
+
+    ours, reference = _runs_by_cell(state), _runs_by_cell(losa_env.state)
+    grid = load_grid(path)
+    assert sorted(ours) == sorted(c.id for c in grid.cells())
+    for cid, run in ours.items():
+        for metric in ("ppl", "achieved_sparsity", "ppl_pruned"):
+            assert run.data.metrics.get(metric) == reference[cid].data.metrics.get(metric), (cid, metric)
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{state / 'mlflow.db'}")
+    parent = client.get_run(next(iter(ours.values())).data.tags["mlflow.parentRunId"])
+    launches = json.loads(Path(client.download_artifacts(parent.info.run_id, "launches.json",
+                                                         str(tmp_path))).read_text())
+    assert parent.info.status == "FINISHED" and [x["status"] for x in launches] == ["KILLED"] * 3 + ["FINISHED"]
+
+    # corruption: a byte flipped in the LoSA cell's final model, a truncated dense-outputs file
+    from tasks.store import ArtifactStore
+
+    store = ArtifactStore(state / "artifacts")
+    manifests = {k: store.manifest(k) for k in store.keys()}
+    final = next(k for k, m in manifests.items() if m["stage"] == "finalize")
+    dense = next(k for k, m in manifests.items() if m["stage"] == "dense_outputs")
+    flip = Path(store._dir(final)) / "tensors.safetensors"
+    payload = bytearray(flip.read_bytes())
+    payload[len(payload) // 2] ^= 0x01
+    flip.write_bytes(bytes(payload))
+    cut = Path(store._dir(dense)) / "tensors.safetensors"
+    cut.write_bytes(cut.read_bytes()[:1000])
+    check = subprocess.run([sys.executable, "-m", "flows.cli", "check", str(path), "--verify"], cwd=root, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert check.returncode == 1 and "2 corrupt artifacts found and removed" in check.stdout, check.stdout
+    assert store.get(final) is None and store.get(dense) is None
+    rerun = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    for key in (final, dense):  # rebuilt under the same key, bit-identical
+        assert store.manifest(key)["sha256"] == manifests[key]["sha256"]
+
+
+def test_a_diverged_cell_fails_with_its_reason_and_the_grid_goes_on(losa_env, tmp_path, monkeypatch):
+    from flows.grid import losa_grid
+
+    monkeypatch.setenv("LOSA_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{(tmp_path / 'state').resolve() / 'mlflow.db'}")
+    path = write_grid(tmp_path / "grids", ["pruned", "lora"], dense=False, name="diverged",
+                      finetune={"batch_size": 2, "seqlen": 64, "lr": 1.0e30})
+    state = losa_grid(str(path), return_state=True)
+    assert state.is_failed() and "1 of 2 cells failed" in state.message and "Diverged" in state.message
+    runs = mlflow_runs(**{"losa.kind": "cell"}).set_index("tags.losa.label")
+    assert runs.loc["pruned", "status"] == "FINISHED"
+    assert runs.loc["+LoRA", "status"] == "FAILED" and "training diverged" in runs.loc["+LoRA", "tags.losa.failure"]
+    import re
+
+    table = (tmp_path / "state" / "outputs" / "diverged" / "tables.md").read_text()
+    assert re.search(r"\| \+LoRA \(merged\) +\| failed \|", table) and re.search(r"\| pruned +\| \d+\.\d\d \|", table)

@@ -1,0 +1,85 @@
+"""What the artifact store keeps after a cell finishes, and ``losa gc``.
+
+A finished cell leaves a *cell record* in the store (stage ``cell``, info only): the keys of every stage it read
+or wrote, its final model's key (the pruned weights for ``pruned``, the merged weights for ``lora``/``losa``; none for
+``dense``) and its MLflow run. The record is what makes a cell "done", so its intermediates can go:
+
+* ``all``: keep everything;
+* ``shared`` (default): drop a finished cell's intermediate snapshots (pruned, fine-tuned, merged states of steps
+  before the last) unless another cell also uses them (a shared prefix, e.g. LoSA's step 1 and −SRA's) or a cell
+  that has not finished needs them;
+* ``final``: drop every intermediate snapshot of finished cells that no unfinished cell needs, shared or not.
+
+Kept always: each cell's final model, and the stages that are small or the roots of many cells (calibration windows,
+training tokens, dense outputs, LSR's info, perplexities). A dropped snapshot is only recomputation later: its stage
+runs again, deterministically, if a new cell asks for it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import Literal
+
+from .store import ArtifactStore, Ref, digest
+
+Retain = Literal["all", "shared", "final"]
+RETAIN: tuple[str, ...] = ("all", "shared", "final")
+CELL_STAGE = "cell"
+SNAPSHOT_STAGES = frozenset({"prune", "finetune", "lora", "merge", "finalize"})  # full model states: the bulk
+
+
+def record_key(cell_key: str) -> str:
+    return digest({"stage": CELL_STAGE, "cell": cell_key})
+
+
+def final_key(refs: Iterable[Ref]) -> str | None:
+    """The cell's final model among the stages it ran, in order: the last finalize, else the last prune."""
+    refs = list(refs)
+    for stage in ("finalize", "prune"):
+        if hits := [r.key for r in refs if r.stage == stage]:
+            return hits[-1]
+    return None
+
+
+def record_cell(store: ArtifactStore, cell_key: str, refs: Iterable[Ref], run_id: str | None) -> Ref:
+    """Write (or overwrite) the record of a finished cell."""
+    refs = list(refs)
+    keys = list(dict.fromkeys(r.key for r in refs if r.stage != "model"))
+    return store.put(CELL_STAGE, record_key(cell_key), {"cell_key": cell_key, "stages": keys,
+                                                         "final": final_key(refs), "run_id": run_id})
+
+
+def cell_record(store: ArtifactStore, cell_key: str) -> Ref | None:
+    return store.get(record_key(cell_key))
+
+
+def plan(store: ArtifactStore, finished: Mapping[str, Ref], pending: Mapping[str, list[str]],
+         retain: Retain = "shared") -> dict[str, int]:
+    """Artifacts to delete ({key: bytes}) under ``retain``.
+
+    ``finished``: cell key -> its record; ``pending``: cell key -> the store keys an unfinished cell has already
+    reached (its cached prefix)."""
+    if retain not in RETAIN:
+        raise ValueError(f"retain must be one of {', '.join(RETAIN)}, not {retain!r}")
+    if retain == "all":
+        return {}
+    uses = Counter(k for rec in finished.values() for k in rec.info["stages"])
+    uses.update(k for keys in pending.values() for k in set(keys))
+    keep = {rec.info["final"] for rec in finished.values()} | {k for keys in pending.values() for k in keys}
+    drop = {}
+    for rec in finished.values():
+        for key in rec.info["stages"]:
+            if key in keep or key in drop or (retain == "shared" and uses[key] > 1):
+                continue
+            manifest = store.manifest(key)
+            if manifest is not None and manifest["stage"] in SNAPSHOT_STAGES:
+                drop[key] = store.size(key)
+    return drop
+
+
+def collect(store: ArtifactStore, drop: Mapping[str, int]) -> int:
+    """Delete the planned artifacts; bytes freed."""
+    for key in drop:
+        store.delete(key)
+    return sum(drop.values())
