@@ -199,3 +199,24 @@ def test_drive_is_algorithm_1_for_every_executor():
         "finalize(6)", "ppl(7)"]
     assert calls(method="losa", steps=3, ablate=("dsa",)) == [
         "dense_outputs", "importance(0)", "prune(0)", "finetune(3,None,t=1)", "finalize(4)", "ppl(5)"]
+
+
+def test_nm_verification_allows_kept_zeros_but_not_extra_weights():
+    """N:M after the merge: a kept weight that is exactly 0 (dequantized models have many) leaves a group with fewer
+    than N non-zeros, which is still N:M; a group with more than N is not."""
+    from losa.stages import verify_nm
+
+    model = tiny_llama_gqa()
+    n_blocks = model.config.num_hidden_layers
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for lin in (m for m in layer.modules() if isinstance(m, torch.nn.Linear)):
+                w = lin.weight.view(-1, 4)
+                w.zero_()
+                w[:, 0] = 1.0
+                w[::2, 1] = 1.0  # half the groups hold 2 of 4, the others 1 (a kept zero)
+    verify_nm(model, ["2:4"] * n_blocks)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.view(-1, 4)[3, :3] = 1.0
+    with pytest.raises(MergeVerificationError, match="block 1 mlp.up_proj: N:M groups hold up to 3 weights"):
+        verify_nm(model, ["2:4"] * n_blocks)
