@@ -32,6 +32,7 @@ class TaskStages:
 
         self.cell = cell
         self.refs: list[Ref] = []  # every stage this cell read or wrote, in order (its record: tasks.retention)
+        self._prunes = 0  # DSA steps begun, to name the task runs ("prune t=2/3")
         cfg = cell.config
         self.n_blocks = AutoConfig.from_pretrained(cell.model).num_hidden_layers
         self.calib = self._call(T.calibration) if cfg.method != "dense" else None
@@ -39,9 +40,21 @@ class TaskStages:
         self.tokens = self._call(T.train_tokens) if text else None
 
     def _call(self, stage, **params) -> Ref:
-        ref = T.configured(stage)(cell=self.cell, **params)
+        ref = T.configured(stage).with_options(task_run_name=self._run_name(stage.name, params))(cell=self.cell,
+                                                                                                   **params)
         self.refs.append(ref)
         return ref
+
+    def _run_name(self, stage: str, params: dict) -> str:
+        """Prefect's task-run name: the stage, and for LoSA's per-step stages the step (``prune t=2/3``)."""
+        cfg = self.cell.config
+        steps = cfg.effective_steps
+        if cfg.method != "losa" or stage not in ("merge", "importance", "prune", "finetune"):
+            return stage if stage != "finalize" else "merge+verify"
+        t = params.get("t", self._prunes + (0 if stage == "finetune" else 1))
+        if stage == "prune":
+            self._prunes += 1
+        return f"{stage} t={t}/{steps}"
 
     def dense(self) -> Ref:
         return T.model_ref(self.cell)
@@ -163,12 +176,32 @@ def run_cell(cell: Cell, grid: str, parent_run_id: str | None = None) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
     extra = {"peak_rss_mib": peak, "stages_computed": len(computed), "wall_s": wall}
     run_id = tracking.log_cell(key, grid, cell, report, parent_run_id, timings=report["timings"], extra_metrics=extra,
-                               started=started, ended=time.time())
+                               started=started, ended=time.time(), extra_tags=_prefect_tags())
+    _link_mlflow(run_id)
     retention.record_cell(store, key, stages.refs, run_id)  # the cell is done: its intermediates may go
     logger.info(f"{cell.describe()}: ppl {report['ppl']:.2f}, sparsity {report['sparsity']:.4f} "
                 f"({len(computed)} stages computed, {wall:.1f} s)")
     return {"cell_id": cell.id, "key": key, "run_id": run_id, "ppl": report["ppl"], "wall_s": wall,
             "stages_computed": len(computed), "stage_seconds": sum(c["seconds"] or 0.0 for c in computed)}
+
+
+def _prefect_tags() -> dict[str, str]:
+    """The Prefect flow run a cell's MLflow run came from (the link from MLflow to Prefect)."""
+    from prefect.runtime import flow_run
+
+    return {"losa.prefect_flow_run_id": str(flow_run.id or ""), "losa.prefect_flow_run": str(flow_run.name or "")}
+
+
+def _link_mlflow(run_id: str) -> None:
+    """A link artifact on the Prefect flow run pointing at the cell's MLflow run (the link back)."""
+    from prefect.artifacts import create_link_artifact
+
+    exp = tracking.setup().get_experiment_by_name(tracking.EXPERIMENT).experiment_id
+    try:
+        create_link_artifact(link=f"{tracking.ui_url()}/#/experiments/{exp}/runs/{run_id}", link_text="MLflow run",
+                             key="mlflow-run", description=f"MLflow run {run_id} of this cell")
+    except Exception as err:  # noqa: BLE001 - a missing link must not fail a finished cell
+        get_run_logger().warning(f"could not link the MLflow run: {err}")
 
 
 def _cell_run_name() -> str:
@@ -186,4 +219,12 @@ def _cell_run_name() -> str:
 def losa_cell(grid: str, cell_id: str, parent_run_id: str | None = None) -> dict:
     """One cell of a grid (by its id), e.g. submitted by ``losa-grid`` to a GPU work pool."""
     spec = load_grid(grid)
-    return run_cell(spec.cell(cell_id), spec.name, parent_run_id)
+    row = run_cell(spec.cell(cell_id), spec.name, parent_run_id)
+    if spec.retain != "all":  # this cell's private intermediates go now, so a grid's disk peak is about one cell
+        from flows.storage import apply
+
+        dropped, freed = apply([spec], spec.retain)
+        get_run_logger().info(f"retain={spec.retain}: {len(dropped)} intermediate snapshots removed, "
+                              f"{freed / 2**20:.1f} MiB freed")
+        row["store_freed_bytes"] = freed
+    return row

@@ -236,6 +236,16 @@ def _grid_or_exit(name: str, command: str):
         raise SystemExit(f"losa {command}: {err}") from None
 
 
+def _preflight_or_exit(spec, command: str) -> None:
+    """The grid against its models and this machine (flows.preflight), before anything is written."""
+    from flows.preflight import PreflightError, require
+
+    try:
+        require(spec)
+    except PreflightError as err:
+        raise SystemExit(f"losa {command}: " + f"\nlosa {command}: ".join(str(err).splitlines())) from None
+
+
 def _prefect_env() -> None:
     """Flows started from the CLI keep Prefect's state under the project state folder too."""
     os.environ.setdefault("PREFECT_HOME", str(state_dir() / "prefect"))
@@ -245,6 +255,7 @@ def _prefect_env() -> None:
 
 def _grid(args) -> int:
     spec = _grid_or_exit(args.grid, "grid")  # validated before any compute
+    _preflight_or_exit(spec, "grid")
     _prefect_env()
     from flows.grid import losa_grid
 

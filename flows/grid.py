@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task, unmapped
+from prefect import tags as prefect_tags
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
@@ -60,7 +61,7 @@ def dispatch_cell(grid: str, cell_id: str, parent_run_id: str | None, deployment
 _COST_ORDER = {"dense": 0, "pruned": 1, "lora": 2, "losa": 3}
 
 
-@flow(name="losa-grid", log_prints=True)
+@flow(name="losa-grid", log_prints=True, flow_run_name="grid {grid}")
 def losa_grid(grid: str = "testbed", concurrency: int = 1, dispatch: str = "local",
               deployment: str = "losa-cell/losa-cell", tables: bool = True) -> dict:
     """Run every cell of a grid (validated first), log each to MLflow under one parent run, then write its tables.
@@ -74,6 +75,9 @@ def losa_grid(grid: str = "testbed", concurrency: int = 1, dispatch: str = "loca
     if dispatch not in ("local", "deployment"):
         raise ValueError(f"dispatch must be 'local' or 'deployment', not {dispatch!r}")
     spec = load_grid(grid)
+    from flows.preflight import require
+
+    require(spec)  # the grid against its models and this machine: nothing runs or is logged when it fails
     ref = _grid_ref(spec, grid)
     cells = spec.cells()
     parent = tracking.start_grid(spec.name, len(cells))  # also creates the MLflow database before any fan-out
@@ -124,15 +128,14 @@ def _run_cells(spec: Grid, ref: str, cells, parent: str, concurrency: int, dispa
         # cells run inside this flow run, whose heartbeat covers them; a heartbeat thread per cell would cost up to
         # 1 s each at exit (Prefect joins it at 1 s granularity), longer than many testbed stages
         with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-            states = [losa_cell(ref, cid, parent, return_state=True) for cid in ids]
+            states = []
+            for cid in ids:
+                cell = spec.cell(cid)
+                with prefect_tags(f"cell:{cid}", cell.label, cell.config.pruner if cell.config.method != "dense"
+                                  else "dense"):
+                    states.append(losa_cell(ref, cid, parent, return_state=True))
     failed = [(cid, s.message) for cid, s in zip(ids, states) if not s.is_completed()]
     summary = {"grid": spec.name, "cells": len(cells), "failed": [cid for cid, _ in failed], "parent_run_id": parent}
-    if ids and spec.retain != "all":  # finished cells' private intermediates go; unfinished cells keep their prefix
-        from flows.storage import apply
-
-        dropped, freed = apply([spec], spec.retain)
-        summary["store_freed_bytes"] = freed
-        logger.info(f"retain={spec.retain}: {len(dropped)} intermediate snapshots removed, {freed / 2**20:.1f} MiB freed")
     if tables:
         summary["tables"] = str(losa_tables(ref, parent_run_id=parent))
     if failed:
@@ -167,12 +170,12 @@ def grid_results(spec: Grid):
     return frame, keys
 
 
-@flow(name="losa-tables", log_prints=True)
+@flow(name="losa-tables", log_prints=True, flow_run_name="tables {grid}")
 def losa_tables(grid: str = "testbed", parent_run_id: str | None = None, out_dir: str | None = None) -> Path:
     """Tables (Markdown, CSV, parquet, LaTeX) and plots of a grid from MLflow, in the grid's paper layout."""
     import pandas as pd
 
-    from flows.plots import cell_plot_name, plot_allocation, plot_lsr, plot_ppl_vs_sparsity
+    from flows.plots import cell_plot_name, plot_allocation, plot_loss, plot_lsr, plot_ppl_vs_sparsity
     from flows.tables import build_tables, results_markdown, write_tables
 
     spec = load_grid(grid)
@@ -196,7 +199,7 @@ def losa_tables(grid: str = "testbed", parent_run_id: str | None = None, out_dir
         report = tracking.cell_report(row.run_id)
         logged = {a.path for a in client.list_artifacts(row.run_id, "plots")}
         name_of = names[row.cell_id] + (f" {row.cell_id}" if names[row.cell_id] in clash else "")
-        for plot, name in ((plot_allocation, "allocation"), (plot_lsr, "cka_errors")):
+        for plot, name in ((plot_allocation, "allocation"), (plot_lsr, "cka_errors"), (plot_loss, "loss")):
             path = plot(report, out / cell_plot_name(name, name_of))
             if f"plots/{path.name}" not in logged:  # on the cell's own run too, once
                 client.log_artifact(row.run_id, str(path), artifact_path="plots")

@@ -131,14 +131,19 @@ def plot_lsr(report: dict, path: Path) -> Path:
         for j, s in enumerate(steps):
             ax = axes[0][j]
             if s.get("cka") is not None:
-                cka = np.asarray(s["cka"], dtype=float)
-                im = ax.imshow(cka, vmin=0, vmax=1, cmap="magma", interpolation="nearest")
-                fig.colorbar(im, ax=ax, shrink=0.8)
+                # 1 - CKA with the colour range fitted to the off-diagonal values: on a 0-1 CKA scale every block
+                # pair of a real model sits near 1 and the differences LSR acts on are invisible
+                dist = 1.0 - np.asarray(s["cka"], dtype=float)
+                cka = dist
+                off = dist[~np.eye(len(dist), dtype=bool)]
+                lo, hi = (float(off.min()), float(off.max())) if off.size else (0.0, 1.0)
+                im = ax.imshow(dist, vmin=lo, vmax=max(hi, lo + 1e-9), cmap="magma", interpolation="nearest")
+                fig.colorbar(im, ax=ax, shrink=0.8, label="1 − CKA")
                 ax.set_xticks(range(len(cka)))
                 ax.set_yticks(range(len(cka)))
             else:
                 ax.text(0.5, 0.5, "no LSR (ablated)", ha="center", va="center", transform=ax.transAxes)
-            ax.set_title(f"CKA, step {s.get('t', j + 1)}", fontsize=9)
+            ax.set_title(f"1 − CKA between block inputs, step {s.get('t', j + 1)}", fontsize=9)
             ax.set_xlabel("block")
             ax.set_ylabel("block")
             errors = s.get("errors") or []
@@ -146,6 +151,33 @@ def plot_lsr(report: dict, path: Path) -> Path:
             axes[1][j].set_xticks(range(len(errors)))
             axes[1][j].set_title(f"reconstruction error L_l, step {s.get('t', j + 1)}", fontsize=9)
             axes[1][j].set_xlabel("block")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_loss(report: dict, path: Path) -> Path:
+    """The training loss over every optimiser step of a cell, with the DSA steps marked (method.md §4): the jumps
+    where a step re-prunes are the method, not instability."""
+    steps = [s for s in report.get("steps") or [] if s.get("train_losses")]
+    fig = Figure(figsize=(7, 3.6), layout="constrained")
+    if not steps:
+        _empty(fig, "no fine-tuning in this cell")
+    else:
+        ax = fig.subplots()
+        start = 0
+        for s in steps:
+            losses = s["train_losses"]
+            xs = range(start, start + len(losses))
+            ax.plot(xs, losses, marker="o", ms=3, label=f"t={s.get('t')}: sparsity {s.get('theta', 0):.0%}")
+            if start:
+                ax.axvline(start - 0.5, color="grey", ls="--", lw=0.8)
+            start += len(losses)
+        ax.set_xlabel("optimiser step (all DSA steps)")
+        ax.set_ylabel("training loss")
+        ax.set_title("training loss; dashed: a DSA step re-prunes", fontsize=9)
+        ax.legend(fontsize=8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

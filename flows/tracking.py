@@ -30,6 +30,11 @@ from tasks.store import digest, state_dir
 EXPERIMENT = "losa"
 
 
+def ui_url() -> str:
+    """Where the MLflow UI of this store is served (``losa up`` / ``mlflow ui`` default; ``LOSA_MLFLOW_UI``)."""
+    return os.environ.get("LOSA_MLFLOW_UI", "http://127.0.0.1:5000")
+
+
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_dir() / 'mlflow.db'}"
 
@@ -187,7 +192,8 @@ def _cell_tags(key: str, grid: str, cell: Any, parent_run_id: str | None) -> dic
 
 def log_cell(key: str, grid: str, cell: Any, report: dict, parent_run_id: str | None,
              timings: dict[str, float] | None = None, extra_metrics: dict[str, float] | None = None,
-             started: float | None = None, ended: float | None = None) -> str:
+             started: float | None = None, ended: float | None = None,
+             extra_tags: dict[str, str] | None = None) -> str:
     """Log one finished cell as a child run (params, metrics, per-step JSON) spanning the cell's real start and end
     (``started``/``ended``: epoch seconds); reuse an existing finished run of the same key."""
     from mlflow.entities import Metric, Param
@@ -200,7 +206,7 @@ def log_cell(key: str, grid: str, cell: Any, report: dict, parent_run_id: str | 
         exp = mlflow.get_experiment_by_name(EXPERIMENT)
         now = time.time()
         run = client.create_run(exp.experiment_id, start_time=int((started or now) * 1000), run_name=cell.run_name,
-                                tags=_cell_tags(key, grid, cell, parent_run_id))
+                                tags={**_cell_tags(key, grid, cell, parent_run_id), **(extra_tags or {})})
         run_id = run.info.run_id
         stamp = int((ended or now) * 1000)
         metrics = {k: float(v) for k, v in _cell_metrics(report).items() if v is not None}

@@ -146,7 +146,7 @@ class LosaConfig(BaseModel):
     # evaluation (method.md §6)
     eval_seqlen: int = Field(256, ge=2)
     eval_batch_size: int = Field(8, ge=1)
-    eval_windows: int | None = None
+    eval_windows: int | None = Field(None, ge=1)
 
     @field_validator("pattern", mode="before")
     @classmethod
@@ -170,6 +170,10 @@ class LosaConfig(BaseModel):
             raise ValueError(f"ablate={list(self.ablate)} only applies to method 'losa', not {self.method!r}")
         if len(set(self.ablate)) != len(self.ablate):
             raise ValueError(f"ablate lists a component twice: {list(self.ablate)}")
+        # the default (64) is cut to nsamples; an explicit value above it is a mistake worth naming
+        if "rmi_samples" in self.model_fields_set and self.rmi_samples > self.nsamples:
+            raise ValueError(f"rmi_samples ({self.rmi_samples}) cannot exceed nsamples ({self.nsamples}): LSR's CKA "
+                             "runs on a subset of the calibration windows")
         if not self.r_min <= self.r_max:
             raise ValueError(f"need r_min <= r_max, got {self.r_min} > {self.r_max}")
         if self.method == "losa" and kind == "unstructured":

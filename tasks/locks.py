@@ -74,21 +74,43 @@ class LiveLockManager(FileSystemLockManager):
     def __deepcopy__(self, memo):
         return LiveLockManager(self.lock_files_directory, self.lease)
 
-    def _write(self, key: str, holder: str) -> None:
+    def _record(self, holder: str) -> tuple[bytes, object]:
         expiration = now("UTC") + timedelta(seconds=self.lease)
-        record = {"holder": holder, "expiration": str(expiration), **_me()}
+        return pydantic_core.to_json({"holder": holder, "expiration": str(expiration), **_me()}), expiration
+
+    def _write(self, key: str, holder: str) -> None:
+        """Renew a held lock: the whole record replaced at once, so readers never see half of it."""
+        record, expiration = self._record(holder)
         path = self._lock_path_for_key(key)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(pydantic_core.to_json(record))
-        os.replace(tmp, path)  # readers never see a half-written record
+        tmp.write_bytes(record)
+        os.replace(tmp, path)
         self._locks[key] = {"holder": holder, "expiration": expiration, "path": path}
 
     def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
                      hold_timeout: float | None = None) -> bool:
-        if not super().acquire_lock(key, holder, acquire_timeout, hold_timeout or self.lease):
-            return False
+        # Prefect's version creates an empty file and writes the record after: a kill in between leaves a lock
+        # that names no holder and no expiry. Here the record is written first and hard-linked into place, which
+        # creates the lock atomically, complete, or fails because it exists.
+        self._ensure_lock_files_directory_exists()
+        path = self._lock_path_for_key(key)
+        while True:
+            if self.is_locked(key) and not self.is_lock_holder(key, holder):
+                if not self.wait_for_lock(key, acquire_timeout):
+                    return False
+            record, expiration = self._record(holder)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.new")
+            tmp.write_bytes(record)
+            try:
+                os.link(tmp, path)
+                break
+            except FileExistsError:
+                if self.is_lock_holder(key, holder):
+                    break
+            finally:
+                tmp.unlink(missing_ok=True)
         with self._guard:
-            self._write(key, holder)  # add who holds it
+            self._locks[key] = {"holder": holder, "expiration": expiration, "path": path}
             self._held[key] = holder
             if self._beat is None or not self._beat.is_alive():
                 self._beat = threading.Thread(target=self._heartbeat, name="losa-lock-heartbeat", daemon=True)

@@ -27,6 +27,8 @@ def model_path(name: str) -> Path:
     local = zoo.model_folder(name)
     if Path(local).is_dir():
         return Path(local)
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a path, not a hub id (owner/name)
+        raise FileNotFoundError(f"model path {name} does not exist")
     from huggingface_hub import snapshot_download
 
     try:

@@ -487,3 +487,18 @@ def test_a_diverged_cell_fails_with_its_reason_and_the_grid_goes_on(losa_env, tm
 
     table = (tmp_path / "state" / "outputs" / "diverged" / "tables.md").read_text()
     assert re.search(r"\| \+LoRA \(merged\) +\| failed \|", table) and re.search(r"\| pruned +\| \d+\.\d\d \|", table)
+
+
+def test_disk_formula_matches_what_a_losa_cell_writes(first):
+    """flows.preflight.cell_disk (the resource guard's disk need) against the bytes the micro LoSA cell stored."""
+    from flows.cell import cell_spec
+    from flows.preflight import cell_disk, model_shape
+    from tasks.store import ArtifactStore
+
+    store = ArtifactStore()
+    spec = cell_spec(by_method(first.grid)["losa"], as_task=False)
+    written = {r.key: store.size(r.key) for r in stage_refs(spec)
+               if r.stage in ("prune", "finetune", "merge", "finalize", "dense_outputs")}
+    estimate = cell_disk(model_shape(spec.model), spec.config)
+    assert len(written) == 3 * spec.config.steps + 1
+    assert abs(estimate - sum(written.values())) / sum(written.values()) < 0.05, (estimate, sum(written.values()))

@@ -175,6 +175,13 @@ def test_plots(results, tmp_path):
     assert _is_png(plot_allocation(report, tmp_path / "alloc.png"))
     assert _is_png(plot_allocation(dict(steps=[]), tmp_path / "alloc-empty.png"))
     assert not math.isnan(report["ppl"])
+    from flows.plots import plot_loss, plot_lsr
+
+    for s, losses in zip(steps, ([4.0, 3.5], [3.9, 3.4, 3.2], [3.6, 3.1])):
+        s["train_losses"] = losses
+        s["cka"] = [[1.0, 0.97, 0.95], [0.97, 1.0, 0.99], [0.95, 0.99, 1.0]]
+    assert _is_png(plot_loss(report, tmp_path / "loss.png")) and _is_png(plot_lsr(report, tmp_path / "lsr.png"))
+    assert _is_png(plot_loss(dict(steps=[]), tmp_path / "loss-empty.png"))
 
 
 def test_imports_no_orchestration_or_tracking():
@@ -208,3 +215,15 @@ def test_cell_plots_are_named_by_the_cell_not_a_hash():
         "allocation_testbed-wanda-70pct-unstructured-LoSA-T-3-seed-0.png"
     assert cell_plot_name("cka_errors", "testbed wanda 70% unstructured -LSR-SRA T=3 seed 0") == \
         "cka_errors_testbed-wanda-70pct-unstructured-LSR-SRA-T-3-seed-0.png"
+
+
+def test_a_failed_cell_reads_failed_never_blank_or_a_number():
+    from flows.spec import Cell
+    from flows.tables import build_tables, results_frame
+    from losa.config import LosaConfig
+
+    cells = [Cell(model="m", config=LosaConfig.canonical({"method": m, "sparsity": 0.7})) for m in ("pruned", "lora")]
+    frame = results_frame(cells, {cells[0].id: {"ppl": 99.0, "achieved_sparsity": 0.7, "status": "finished"},
+                                  cells[1].id: {"status": "failed", "failure": "Diverged: training loss is nan"}})
+    table = next(iter(build_tables("table1", frame).values()))
+    assert table.loc["pruned", "70%"] == "99.00" and table.loc["+LoRA (merged)", "70%"] == "failed"

@@ -1,0 +1,184 @@
+"""Checks of a grid against its models and this machine, before anything runs or is written.
+
+The grid file itself is validated when it loads (``flows.spec``: types, ranges, known keys). What needs the model
+is checked here: the model exists and is a model, every N:M pattern's M divides the input width of every prunable
+linear, no window is longer than the model's context; and the resource guard: the memory one cell needs at its peak
+(weights, one block's activations, calibration buffers, the dense outputs LoSA keeps, fine-tuning activations and
+optimizer state) and the disk its snapshots take, against what this machine has free. Each problem is one line that
+names the grid file, the cell and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from flows.spec import Cell, Grid
+from losa.config import LosaConfig
+
+
+class PreflightError(ValueError):
+    """The grid cannot run as written (or not on this machine); the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the checks need of a model: widths, depth, context, size."""
+
+    hidden: int
+    intermediate: int
+    attn_out_in: int  # o_proj's input width (heads x head_dim)
+    layers: int
+    vocab: int
+    context: int | None
+    params: int
+    linear_params: int  # the prunable block linears: what a snapshot stores
+    dtype_bytes: int = 4  # losa loads weights in fp32 on CPU (losa.models.load_model)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.params * self.dtype_bytes
+
+    @property
+    def widths(self) -> dict[str, int]:
+        return {"q/k/v, gate/up (hidden)": self.hidden, "o_proj (heads x head_dim)": self.attn_out_in,
+                "down_proj (intermediate)": self.intermediate}
+
+
+def model_shape(path: str) -> Shape:
+    """Read a model folder's config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
+    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim", 4 * hidden)
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    attn = hidden * heads * head_dim * 2 + hidden * kv * head_dim * 2
+    mlp = hidden * inter * (3 if hasattr(cfg, "intermediate_size") else 2)
+    embed = cfg.vocab_size * hidden * (1 if getattr(cfg, "tie_word_embeddings", False) else 2)
+    return Shape(hidden=hidden, intermediate=inter, attn_out_in=heads * head_dim, layers=layers, vocab=cfg.vocab_size,
+                 context=getattr(cfg, "max_position_embeddings", None), params=layers * (attn + mlp) + embed,
+                 linear_params=layers * (attn + mlp))
+
+
+def cell_memory(shape: Shape, cfg: LosaConfig) -> dict[str, int]:
+    """Peak bytes of one cell, by what holds them (an upper estimate; fp32 activations)."""
+    f = 4
+    block_acts = cfg.calib_batch_size * cfg.seqlen * (4 * shape.hidden + 2 * shape.intermediate) * f
+    calib = 2 * cfg.nsamples * cfg.seqlen * shape.hidden * f  # block inputs and outputs of every window
+    dense_outputs = shape.layers * cfg.nsamples * cfg.seqlen * shape.hidden * f if cfg.method == "losa" else 0
+    gram = shape.hidden * shape.hidden * 8 * 2 + shape.intermediate ** 2 * 8  # Wanda/SparseGPT statistics (fp64)
+    tokens = cfg.finetune.batch_size * cfg.finetune.seqlen
+    train = 0
+    if cfg.method in ("lora", "losa"):
+        # activations kept for backward (~12 hidden-wide and 3 FFN-wide tensors per block), logits and their grads,
+        # the masked update's full-size product per linear (method.md §4), LoRA state (tiny)
+        train = tokens * (shape.layers * (12 * shape.hidden + 3 * shape.intermediate) + 3 * shape.vocab) * f + \
+            2 * shape.hidden * max(shape.intermediate, shape.hidden) * f
+    return {"weights (model + restored state)": 2 * shape.weight_bytes, "pruning": block_acts + calib + gram,
+            "dense outputs": dense_outputs, "fine-tuning": train}
+
+
+def cell_disk(shape: Shape, cfg: LosaConfig) -> int:
+    """Bytes a cell writes to the artifact store before retention (losa/snapshot.py's layout): a snapshot holds the
+    prunable linears' weights (L bytes); a masked-LoRA snapshot adds its bool masks (L / 4 for fp32) and A/B.
+    LoSA writes T prunes, T − 1 merges, one final merge (2T snapshots of L) and T fine-tuned states (1.25 L each,
+    plus the adapter), and the dense outputs; + LoRA a prune, the trained state and the merge; pruned one prune."""
+    linear = shape.linear_params * shape.dtype_bytes
+    mask = shape.linear_params  # one byte per weight
+    adapter = shape.layers * 7 * cfg.physical_rank * (shape.hidden + shape.intermediate) * 4  # A and B, every linear
+    if cfg.method == "dense":
+        return 0
+    if cfg.method == "pruned":
+        return linear
+    if cfg.method == "lora":
+        return 3 * linear + adapter
+    steps = cfg.effective_steps
+    outputs = shape.layers * cfg.nsamples * cfg.seqlen * shape.hidden * 4
+    return 2 * steps * linear + steps * (linear + mask + adapter) + outputs
+
+
+def _model_problems(name: str, path: str | None, err: Exception | None) -> list[str]:
+    if err is not None:
+        return [f"model {name!r}: {err}"]
+    if not (Path(path) / "config.json").is_file():
+        return [f"model {name!r}: {path} is not a model folder (no config.json)"]
+    return []
+
+
+def _cell_problems(cell: Cell, shape: Shape) -> list[str]:
+    cfg, out = cell.config, []
+    kind, base = cfg.parsed_pattern()
+    if base.is_nm:
+        bad = {what: w for what, w in shape.widths.items() if w % base.m}
+        if bad:
+            out.append(f"pattern {cfg.pattern}: M = {base.m} must divide every prunable input width; "
+                       + ", ".join(f"{what} is {w}" for what, w in bad.items()))
+    if shape.context:
+        for key, value in (("seqlen", cfg.seqlen), ("eval_seqlen", cfg.eval_seqlen),
+                           ("finetune.seqlen", cfg.finetune.seqlen)):
+            if cfg.method == "dense" and key != "eval_seqlen":
+                continue
+            if value > shape.context:
+                out.append(f"{key} = {value} exceeds the model's context ({shape.context} tokens)")
+    return out
+
+
+def check(grid: Grid, *, resources: bool = True) -> list[str]:
+    """Every problem of ``grid`` against its models (and, with ``resources``, this machine); [] when it can run."""
+    from tasks.model import model_path
+
+    where = grid.path or grid.name
+    problems: list[str] = []
+    shapes: dict[str, Shape] = {}
+    for name in dict.fromkeys(c.model for c in grid.cells()):
+        try:
+            path, err = str(model_path(name)), None
+        except (FileNotFoundError, OSError, ValueError) as e:
+            path, err = None, e
+        found = _model_problems(name, path, err)
+        problems += [f"{where}: models: {p}" for p in found]
+        if not found:
+            shapes[name] = model_shape(path)
+    for cell in grid.cells():
+        if cell.model in shapes:
+            problems += [f"{where}: cell {cell.describe()}: {p}" for p in _cell_problems(cell, shapes[cell.model])]
+    if resources and not problems:
+        problems += [f"{where}: {p}" for p in _resource_problems(grid, shapes)]
+    return problems
+
+
+def _resource_problems(grid: Grid, shapes: dict[str, Shape]) -> list[str]:
+    import psutil
+
+    from tasks.state import artifacts_url
+
+    out = []
+    available = psutil.virtual_memory().available
+    worst = max(grid.cells(), key=lambda c: sum(cell_memory(shapes[c.model], c.config).values()))
+    need = cell_memory(shapes[worst.model], worst.config)
+    if sum(need.values()) > available and os.environ.get("LOSA_SKIP_RESOURCE_GUARD") != "1":
+        parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in need.items() if v)
+        out.append(f"cell {worst.describe()} needs about {sum(need.values()) / 2**30:.1f} GiB of memory ({parts} GiB); "
+                   f"{available / 2**30:.1f} GiB are available (LOSA_SKIP_RESOURCE_GUARD=1 runs it anyway)")
+    url = artifacts_url()
+    if "://" not in url:  # a local store: its disk
+        folder = Path(url)
+        while not folder.exists():
+            folder = folder.parent
+        free = shutil.disk_usage(folder).free
+        disk = max(cell_disk(shapes[c.model], c.config) for c in grid.cells())
+        if disk > free and os.environ.get("LOSA_SKIP_RESOURCE_GUARD") != "1":
+            out.append(f"one cell writes up to {disk / 2**30:.1f} GiB of snapshots to {url}; {free / 2**30:.1f} GiB "
+                       f"are free (retention frees them after each cell; LOSA_SKIP_RESOURCE_GUARD=1 runs it anyway)")
+    return out
+
+
+def require(grid: Grid, *, resources: bool = True) -> None:
+    """Raise :class:`PreflightError` listing every problem of ``check``."""
+    if problems := check(grid, resources=resources):
+        raise PreflightError("\n".join(problems))
