@@ -253,10 +253,24 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 
+def _temporary_server() -> None:
+    """Without ``PREFECT_API_URL`` each process runs flows on its own temporary Prefect server, all on one database;
+    two first launches at once would race its migrations, so starting it is serialised by a file lock."""
+    if not os.environ.get("PREFECT_API_URL"):
+        from filelock import FileLock
+        from prefect.client.orchestration import get_client
+
+        lock = state_dir() / "locks" / "prefect-server.flock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(lock)), get_client(sync_client=True) as client:
+            client.api_healthcheck()  # starts this process's temporary server (and migrates its database) now
+
+
 def _grid(args) -> int:
     spec = _grid_or_exit(args.grid, "grid")  # validated before any compute
     _preflight_or_exit(spec, "grid")
     _prefect_env()
+    _temporary_server()
     from flows.grid import losa_grid
 
     state = losa_grid(args.grid, concurrency=args.concurrency, dispatch=args.dispatch, return_state=True)

@@ -195,6 +195,10 @@ def losa_tables(grid: str = "testbed", parent_run_id: str | None = None, out_dir
     losa = frame[(frame.method == "losa") & (frame.status == "finished")]
     names = {cid: spec.cell(cid).describe() for cid in losa.cell_id}
     clash = {n for n in names.values() if list(names.values()).count(n) > 1}  # cells alike but for unnamed settings
+    for row in frame[frame.status == "finished"].itertuples():  # runs logged before run names said what differs
+        name = spec.cell(row.cell_id).run_name
+        if client.get_run(row.run_id).info.run_name != name:
+            client.set_tag(row.run_id, "mlflow.runName", name)
     for row in losa.itertuples():
         report = tracking.cell_report(row.run_id)
         logged = {a.path for a in client.list_artifacts(row.run_id, "plots")}

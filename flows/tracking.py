@@ -49,7 +49,11 @@ def setup(experiment: str = EXPERIMENT):
     mlflow.set_tracking_uri(tracking_uri())
     if preset is None:  # set_tracking_uri exports the variable; keep following $LOSA_HOME instead
         os.environ.pop("MLFLOW_TRACKING_URI", None)
-    if mlflow.get_experiment_by_name(experiment) is None:
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is not None and found.tags.get("mlflow.experimentKind") != "custom_model_development":
+        mlflow.tracking.MlflowClient().set_experiment_tag(found.experiment_id, "mlflow.experimentKind",
+                                                         "custom_model_development")  # created before the tag
+    if found is None:
         with _file_lock("mlflow-setup"):  # two first launches: one creates the schema and the experiment
             if mlflow.get_experiment_by_name(experiment) is None:
                 mlflow.create_experiment(

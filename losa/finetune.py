@@ -34,11 +34,12 @@ def uniform_loss(model: torch.nn.Module) -> float | None:
 
 
 def diverged(losses: Sequence[float], uniform: float | None) -> bool:
-    """Training diverged: it ended worse than it started (by 1 % of ln |V|) and within 1 % of uniform guessing or
-    above. Both, because a random-init model starts at ln |V| and may legitimately stay there for a few steps."""
+    """Training diverged: it started clearly better than uniform guessing (below 0.9 ln |V|) and ended no better
+    (at 0.99 ln |V| or above). A model that starts at ln |V| (random init) or above it (a model pruned beyond repair)
+    had nothing to lose; its result is reported as measured."""
     if uniform is None or not losses:
         return False
-    return losses[-1] >= 0.99 * uniform and losses[-1] > losses[0] + 0.01 * uniform
+    return losses[0] < 0.9 * uniform and losses[-1] >= 0.99 * uniform
 
 
 def check_finite_loss(loss: float, step: int, steps: int) -> None:

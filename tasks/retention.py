@@ -43,7 +43,9 @@ def final_key(refs: Iterable[Ref]) -> str | None:
 
 
 def record_cell(store: ArtifactStore, cell_key: str, refs: Iterable[Ref], run_id: str | None) -> Ref:
-    """Write (or overwrite) the record of a finished cell."""
+    """Write the record of a finished cell (kept if one exists: a cell has one record, whoever finished it)."""
+    if (existing := cell_record(store, cell_key)) is not None:
+        return existing
     refs = list(refs)
     keys = list(dict.fromkeys(r.key for r in refs if r.stage != "model"))
     return store.put(CELL_STAGE, record_key(cell_key), {"cell_key": cell_key, "stages": keys,

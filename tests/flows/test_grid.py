@@ -502,3 +502,32 @@ def test_disk_formula_matches_what_a_losa_cell_writes(first):
     estimate = cell_disk(model_shape(spec.model), spec.config)
     assert len(written) == 3 * spec.config.steps + 1
     assert abs(estimate - sum(written.values())) / sum(written.values()) < 0.05, (estimate, sum(written.values()))
+
+
+def test_two_launches_at_once_on_a_fresh_state_folder(tmp_path):
+    """Two `losa grid` processes started together on a fresh state folder (each with its own temporary Prefect
+    server, one MLflow database): both finish, every cell has exactly one run, no artifact is written twice."""
+    root = Path(__file__).resolve().parents[2]
+    path = write_grid(tmp_path / "grids", ["pruned"], name="twice")
+    state = tmp_path / "state"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "LOSA_ARTIFACTS", "PREFECT_API_URL")}
+    env.update(LOSA_HOME=str(state), PREFECT_HOME=str(tmp_path / "prefect"))
+    procs = [subprocess.Popen([sys.executable, "-m", "flows.cli", "grid", str(path)], cwd=root, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    runs = _runs_by_cell(state)
+    assert sorted(runs) == sorted(c.id for c in load_grid(path).cells())
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{state / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("losa")
+    cells = client.search_runs([exp.experiment_id], "tags.`losa.kind` = 'cell'")
+    assert len(cells) == len(runs)  # exactly one run per cell, whatever the interleaving
+    parents = client.search_runs([exp.experiment_id], "tags.`losa.kind` = 'grid'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    from tasks.store import ArtifactStore
+
+    computed = ArtifactStore(state / "artifacts").computed()
+    assert [k for k, n in Counter(c["key"] for c in computed).items() if n > 1] == []

@@ -1,0 +1,119 @@
+"""Screenshots of the MLflow and Prefect UIs on the state of a finished grid, in headless Chromium.
+
+So every change to tracking can be looked at, not guessed (not run in CI). Starts ``mlflow ui`` on the project's
+MLflow store and ``prefect server start`` on its Prefect home (both on 127.0.0.1, on ports of their own, stopped at
+the end), opens the pages a newcomer opens first and saves a PNG of each:
+
+    runs.png        the experiment's runs table
+    losa-run.png    one +LoSA cell's run page
+    loss.png        that run's training-loss chart
+    parent.png      the grid's parent run
+    prefect.png     the Prefect flow-runs page
+
+    .venv/bin/python benchmarks/ui_screenshots.py --grid smollm2 --out docs/screenshots
+
+Needs Debian's ``chromium`` (``apt-get install chromium``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tasks.state import state_dir  # noqa: E402
+
+
+def _wait(url: str, timeout: float = 120) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"{url} did not answer in {timeout:.0f} s")
+
+
+def _shot(browser: str, url: str, path: Path, budget_ms: int) -> Path:
+    subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1600,1000", f"--virtual-time-budget={budget_ms}", f"--screenshot={path}", url],
+                   check=True, capture_output=True, timeout=180)
+    print(f"{path}  <- {url}")
+    return path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grid", default="smollm2")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "screenshots"))
+    ap.add_argument("--mlflow-port", type=int, default=5055)
+    ap.add_argument("--prefect-port", type=int, default=4255)
+    ap.add_argument("--budget-ms", type=int, default=20000, help="virtual time each page gets to render")
+    args = ap.parse_args()
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        raise SystemExit("needs chromium (apt-get install chromium)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = state_dir()
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    uri = f"sqlite:///{state / 'mlflow.db'}"
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("losa")
+    if exp is None:
+        raise SystemExit(f"no losa experiment in {uri}: run a grid first")
+    runs = client.search_runs([exp.experiment_id], f"tags.`losa.grid` = '{args.grid}' and tags.`losa.label` = '+LoSA'",
+                              max_results=1)
+    parents = client.search_runs([exp.experiment_id],
+                                 f"tags.`losa.kind` = 'grid' and tags.`losa.grid` = '{args.grid}'", max_results=1)
+    env = {**os.environ, "PREFECT_HOME": str(state / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    procs = [subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+                               "--port", str(args.mlflow_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=env),
+             subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host",
+                               "127.0.0.1", "--port", str(args.prefect_port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=env)]
+    try:
+        mlflow_url, prefect_url = f"http://127.0.0.1:{args.mlflow_port}", f"http://127.0.0.1:{args.prefect_port}"
+        _wait(mlflow_url)
+        _wait(f"{prefect_url}/api/health")
+        e = exp.experiment_id
+        shots = [_shot(browser, f"{mlflow_url}/#/experiments/{e}/runs", out / "runs.png", args.budget_ms)]
+        if runs:
+            rid = runs[0].info.run_id
+            shots.append(_shot(browser, f"{mlflow_url}/#/experiments/{e}/runs/{rid}", out / "losa-run.png",
+                               args.budget_ms))
+            q = urllib.parse.urlencode({"runs": json.dumps([rid]), "experiments": json.dumps([e]),
+                                        "plot_metric_keys": json.dumps(["train_loss"])})
+            shots.append(_shot(browser, f"{mlflow_url}/#/metric/train_loss?{q}", out / "loss.png", args.budget_ms))
+        if parents:
+            shots.append(_shot(browser, f"{mlflow_url}/#/experiments/{e}/runs/{parents[0].info.run_id}",
+                               out / "parent.png", args.budget_ms))
+        shots.append(_shot(browser, f"{prefect_url}/runs", out / "prefect.png", args.budget_ms))
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    print(f"{len(shots)} screenshots in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
