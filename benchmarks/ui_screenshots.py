@@ -18,13 +18,11 @@ Needs Debian's ``chromium`` (``apt-get install chromium``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -76,18 +74,23 @@ def main() -> int:
     if exp is None:
         raise SystemExit(f"no losa experiment in {uri}: run a grid first")
     runs = client.search_runs([exp.experiment_id], f"tags.`losa.grid` = '{args.grid}' and tags.`losa.label` = '+LoSA'",
-                              max_results=1)
+                              max_results=1, order_by=["attributes.start_time DESC"])
     parents = client.search_runs([exp.experiment_id],
                                  f"tags.`losa.kind` = 'grid' and tags.`losa.grid` = '{args.grid}'", max_results=1)
     env = {**os.environ, "PREFECT_HOME": str(state / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     procs = [subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
                                "--port", str(args.mlflow_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env=env),
-             subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host",
-                               "127.0.0.1", "--port", str(args.prefect_port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, env=env)]
+                              env=env)]
+    from flows import service
+
+    # the project's server (`losa up`) if it runs: a second server on the same SQLite database would contend for it
+    prefect_url = service.base_url() if service.healthy() else f"http://127.0.0.1:{args.prefect_port}"
+    if not service.healthy():
+        procs.append(subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host",
+                                       "127.0.0.1", "--port", str(args.prefect_port)], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, env=env))
     try:
-        mlflow_url, prefect_url = f"http://127.0.0.1:{args.mlflow_port}", f"http://127.0.0.1:{args.prefect_port}"
+        mlflow_url = f"http://127.0.0.1:{args.mlflow_port}"
         _wait(mlflow_url)
         _wait(f"{prefect_url}/api/health")
         e = exp.experiment_id
@@ -96,9 +99,8 @@ def main() -> int:
             rid = runs[0].info.run_id
             shots.append(_shot(browser, f"{mlflow_url}/#/experiments/{e}/runs/{rid}", out / "losa-run.png",
                                args.budget_ms))
-            q = urllib.parse.urlencode({"runs": json.dumps([rid]), "experiments": json.dumps([e]),
-                                        "plot_metric_keys": json.dumps(["train_loss"])})
-            shots.append(_shot(browser, f"{mlflow_url}/#/metric/train_loss?{q}", out / "loss.png", args.budget_ms))
+            shots.append(_shot(browser, f"{mlflow_url}/#/experiments/{e}/runs/{rid}/model-metrics", out / "loss.png",
+                               args.budget_ms))
         if parents:
             shots.append(_shot(browser, f"{mlflow_url}/#/experiments/{e}/runs/{parents[0].info.run_id}",
                                out / "parent.png", args.budget_ms))

@@ -199,14 +199,22 @@ def losa_tables(grid: str = "testbed", parent_run_id: str | None = None, out_dir
         name = spec.cell(row.cell_id).run_name
         if client.get_run(row.run_id).info.run_name != name:
             client.set_tag(row.run_id, "mlflow.runName", name)
+    drawn_path = out / "plots.json"  # plot file -> the run it was drawn from: a warm rerun redraws nothing
+    drawn = json.loads(drawn_path.read_text()) if drawn_path.exists() else {}
+    kinds = ((plot_allocation, "allocation"), (plot_lsr, "cka_errors"), (plot_loss, "loss"))
     for row in losa.itertuples():
+        name_of = names[row.cell_id] + (f" {row.cell_id}" if names[row.cell_id] in clash else "")
+        files = {name: out / cell_plot_name(name, name_of) for _, name in kinds}
+        if all(drawn.get(f.name) == row.run_id and f.exists() for f in files.values()):
+            continue
         report = tracking.cell_report(row.run_id)
         logged = {a.path for a in client.list_artifacts(row.run_id, "plots")}
-        name_of = names[row.cell_id] + (f" {row.cell_id}" if names[row.cell_id] in clash else "")
-        for plot, name in ((plot_allocation, "allocation"), (plot_lsr, "cka_errors"), (plot_loss, "loss")):
-            path = plot(report, out / cell_plot_name(name, name_of))
+        for plot, name in kinds:
+            path = plot(report, files[name])
+            drawn[path.name] = row.run_id
             if f"plots/{path.name}" not in logged:  # on the cell's own run too, once
                 client.log_artifact(row.run_id, str(path), artifact_path="plots")
+    drawn_path.write_text(json.dumps(drawn, indent=1, sort_keys=True))
     if parent_run_id:  # through the client: start_run/end_run would close the parent, which its grid closes
         client.log_artifacts(parent_run_id, str(out), artifact_path="tables")
     print(results_markdown(tables, title=spec.description))

@@ -223,6 +223,7 @@ def log_cell(key: str, grid: str, cell: Any, report: dict, parent_run_id: str | 
         _log_batches(client, run_id, params, batch)
         client.log_dict(run_id, report, "report.json")
         client.log_dict(run_id, report["config"], "config.json")
+        client.log_dict(run_id, report["layer_sparsity"], "layer_sparsity.json")
         steps = [{k: s[k] for k in ("t", "theta", "omega", "rates", "patterns", "errors", "ranks", "applied_ranks",
                                     "importance", "cka")} for s in report["steps"]]
         client.log_dict(run_id, steps, "steps.json")  # plots of these: losa-tables adds them to this run
@@ -255,7 +256,7 @@ def _cell_metrics(report: dict) -> dict[str, float | None]:
     out = {"ppl": report["ppl"], "ppl_pruned": report["ppl_pruned"], "ppl_unmerged": report["ppl_unmerged"],
            "achieved_sparsity": report["sparsity"], "sparsity_before_merge": report["sparsity_before_merge"],
            "trainable_params": report["trainable_params"]}
-    out.update({f"layer_sparsity.{k}": v for k, v in report["layer_sparsity"].items()})
+    # per-layer sparsity lives in report.json / layer_sparsity.json: 200+ single-value charts would bury the loss
     return out
 
 
