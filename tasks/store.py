@@ -185,7 +185,8 @@ class ArtifactStore:
         manifest["checksum"] = digest(manifest)
         self._write(f"{self._dir(key)}/manifest.json", json.dumps(manifest, indent=1).encode())
         with self.fs.open(f"{self.root}/computed.jsonl", "ab") as f:  # what actually ran, for the benchmarks
-            f.write((json.dumps({"stage": stage, "key": key, "seconds": seconds, "time": time.time()}) + "\n").encode())
+            f.write((json.dumps({"stage": stage, "key": key, "seconds": seconds, "time": time.time(),
+                                 "bytes": size}) + "\n").encode())
         return Ref(stage=stage, key=key, sha256=sha, info=info)
 
     def tensors(self, ref: Ref) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
