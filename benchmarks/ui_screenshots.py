@@ -6,7 +6,8 @@ the end), opens the pages a newcomer opens first and saves a PNG of each:
 
     runs.png        the experiment's runs table
     losa-run.png    one +LoSA cell's run page
-    loss.png        that run's training-loss chart
+    metrics.png     that run's metric charts (train_loss among a dozen summary metrics)
+    loss.png        that run's training loss with the DSA steps marked (the plot losa-tables logs)
     parent.png      the grid's parent run
     prefect.png     the Prefect flow-runs page
 
@@ -43,9 +44,11 @@ def _wait(url: str, timeout: float = 120) -> None:
     raise TimeoutError(f"{url} did not answer in {timeout:.0f} s")
 
 
-def _shot(browser: str, url: str, path: Path, budget_ms: int) -> Path:
+def _shot(browser: str, url: str, path: Path, budget_ms: int, height: int = 1000) -> Path:
+    # compositor stages before draw: without it the charts are still spinners when the picture is taken
     subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    "--window-size=1600,1000", f"--virtual-time-budget={budget_ms}", f"--screenshot={path}", url],
+                    "--run-all-compositor-stages-before-draw", f"--window-size=1600,{height}",
+                    f"--virtual-time-budget={budget_ms}", f"--screenshot={path}", url],
                    check=True, capture_output=True, timeout=180)
     print(f"{path}  <- {url}")
     return path
@@ -99,8 +102,12 @@ def main() -> int:
             rid = runs[0].info.run_id
             shots.append(_shot(browser, f"{mlflow_url}/#/experiments/{e}/runs/{rid}", out / "losa-run.png",
                                args.budget_ms))
-            shots.append(_shot(browser, f"{mlflow_url}/#/experiments/{e}/runs/{rid}/model-metrics", out / "loss.png",
-                               args.budget_ms))
+            shots.append(_shot(browser, f"{mlflow_url}/#/experiments/{e}/runs/{rid}/model-metrics", out / "metrics.png",
+                               args.budget_ms, height=2200))
+            plots = [a.path for a in client.list_artifacts(rid, "plots") if a.path.startswith("plots/loss_")]
+            if plots:  # the loss with the DSA steps marked, as losa-tables draws it
+                shots.append(_shot(browser, f"{mlflow_url}/#/experiments/{e}/runs/{rid}/artifacts/{plots[0]}",
+                                   out / "loss.png", args.budget_ms))
         if parents:
             shots.append(_shot(browser, f"{mlflow_url}/#/experiments/{e}/runs/{parents[0].info.run_id}",
                                out / "parent.png", args.budget_ms))
