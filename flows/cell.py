@@ -174,7 +174,9 @@ def run_cell(cell: Cell, grid: str, parent_run_id: str | None = None) -> dict:
     wall = time.perf_counter() - clock
     computed = store.computed()[before:]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
-    extra = {"peak_rss_mib": peak, "stages_computed": len(computed), "wall_s": wall}
+    extra = {"peak_rss_mib": peak, "stages_computed": len(computed), "wall_s": wall,
+             # SparseGPT's damped Cholesky retries over every prune of the cell: a numerically fragile Hessian
+             "cholesky_retries": sum(r.info.get("cholesky_retries", 0) for r in stages.refs if r.stage == "prune")}
     run_id = tracking.log_cell(key, grid, cell, report, parent_run_id, timings=report["timings"], extra_metrics=extra,
                                started=started, ended=time.time(), extra_tags=_prefect_tags())
     _link_mlflow(run_id)

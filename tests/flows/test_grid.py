@@ -148,6 +148,7 @@ def test_micro_grid_logs_parent_children_and_tables(first, losa_env):
     assert (children.status == "FINISHED").all()
     assert children["metrics.ppl"].notna().all() and (children["metrics.ppl"] > 1).all()
     assert children["metrics.achieved_sparsity"].notna().all()
+    assert (children["metrics.cholesky_retries"] == 0).all()  # logged for every cell (Wanda never factorises)
     metrics = children.set_index("tags.losa.cell_id")
     methods = by_method(first.grid)
     assert metrics.loc[methods["losa"].id, "metrics.achieved_sparsity"] == pytest.approx(0.70, abs=0.01)
