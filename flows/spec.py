@@ -129,7 +129,8 @@ class Grid(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str
+    # a file and folder name under the state folder (outputs/<name>): no separators, no "..", nothing outside it
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
     description: str = ""
     table: Layout = "table1"
     models: list[str] = Field(min_length=1)

@@ -69,3 +69,12 @@ def test_memory_estimate_grows_with_what_holds_memory():
     big = cell_memory(shape, LosaConfig(method="losa", nsamples=64, seqlen=256))
     assert big["dense outputs"] == 32 * small["dense outputs"] and big["pruning"] > small["pruning"]
     assert cell_memory(shape, LosaConfig(method="pruned"))["fine-tuning"] == 0
+
+
+def test_a_grid_name_cannot_point_outside_the_state_folder(tmp_path):
+    from flows.spec import GridSpecError
+
+    path = tmp_path / "...yaml"  # stem "..": the name would make outputs/<name> the state folder's parent
+    path.write_text(yaml.safe_dump({"name": "..", "models": ["testbed"], "axes": {"method": ["dense"]}}))
+    with pytest.raises(GridSpecError, match="name"):
+        load_grid(path)
