@@ -236,12 +236,12 @@ def _grid_or_exit(name: str, command: str):
         raise SystemExit(f"losa {command}: {err}") from None
 
 
-def _preflight_or_exit(spec, command: str) -> None:
+def _preflight_or_exit(spec, command: str, resources: bool = True) -> None:
     """The grid against its models and this machine (flows.preflight), before anything is written."""
     from flows.preflight import PreflightError, require
 
     try:
-        require(spec)
+        require(spec, resources=resources)
     except PreflightError as err:
         raise SystemExit(f"losa {command}: " + f"\nlosa {command}: ".join(str(err).splitlines())) from None
 
@@ -268,7 +268,7 @@ def _temporary_server() -> None:
 
 def _grid(args) -> int:
     spec = _grid_or_exit(args.grid, "grid")  # validated before any compute
-    _preflight_or_exit(spec, "grid")
+    _preflight_or_exit(spec, "grid", resources=args.dispatch == "local")
     _prefect_env()
     _temporary_server()
     from flows.grid import losa_grid

@@ -77,7 +77,8 @@ def losa_grid(grid: str = "testbed", concurrency: int = 1, dispatch: str = "loca
     spec = load_grid(grid)
     from flows.preflight import require
 
-    require(spec)  # the grid against its models and this machine: nothing runs or is logged when it fails
+    # the grid against its models (and this machine, when its cells run here): nothing runs or is logged if it fails
+    require(spec, resources=dispatch == "local")
     ref = _grid_ref(spec, grid)
     cells = spec.cells()
     parent = tracking.start_grid(spec.name, len(cells))  # also creates the MLflow database before any fan-out
