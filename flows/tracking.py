@@ -56,8 +56,11 @@ def setup(experiment: str = EXPERIMENT):
     if found is None:
         with _file_lock("mlflow-setup"):  # two first launches: one creates the schema and the experiment
             if mlflow.get_experiment_by_name(experiment) is None:
+                # a local store keeps artifacts under the state folder; a tracking server keeps them where it says
+                local = tracking_uri().startswith(("sqlite:", "file:", "/"))
                 mlflow.create_experiment(
-                    experiment, artifact_location=(state_dir() / "mlartifacts" / experiment).resolve().as_uri(),
+                    experiment, artifact_location=(state_dir() / "mlartifacts" / experiment).resolve().as_uri()
+                    if local else None,
                     # MLflow 3 opens a GenAI page unless the experiment says it is model training
                     tags={"mlflow.experimentKind": "custom_model_development"})
     mlflow.set_experiment(experiment)
