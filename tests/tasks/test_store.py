@@ -1,6 +1,7 @@
 """tasks/store.py: the content-addressed artifact store (safetensors + manifest) and its stage keys."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,9 @@ def test_put_then_get_and_tensors_round_trip(store):
     got, meta = store.tensors(ref)
     assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in tensors)
     assert meta == {"adapter": "none"}
-    assert store.computed() == [{"stage": "prune", "key": ref.key, "seconds": 1.5, "time": store.computed()[0]["time"]}]
+    size = Path(store._dir(ref.key), "tensors.safetensors").stat().st_size
+    assert store.computed() == [{"stage": "prune", "key": ref.key, "seconds": 1.5, "time": store.computed()[0]["time"],
+                                 "bytes": size}]
 
 
 def test_content_hash_is_of_the_bytes_and_of_the_info_without_tensors(store):
