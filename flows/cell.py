@@ -17,9 +17,9 @@ from flows.spec import Cell, load_grid
 from losa import METHOD_VERSION
 from losa.calibration import PruneReport
 from losa.stages import Finalized, Importance, Trained
+from tasks import retention
 from tasks import stages as T
 from tasks.model import resolve_model
-from tasks import retention
 from tasks.stages import STAGE_VERSION, CellSpec
 from tasks.store import ArtifactStore, Ref
 
@@ -123,10 +123,11 @@ def walk(spec: CellSpec, keys: list[str] | None = None) -> tuple[CachedStages, b
     whether the whole cell is cached)."""
     from losa.dsa import drive
 
-    stages = CachedStages.__new__(CachedStages)  # keep the count even when the constructor's lookups miss
-    stages.found, stages.refs, stages.keys = 0, [], [] if keys is None else keys
+    # built in two steps so the walker (its count and refs, set before TaskStages' own lookups) survives a miss
+    # inside the constructor
+    stages = CachedStages.__new__(CachedStages)
     try:
-        stages.__init__(spec, stages.keys)
+        stages.__init__(spec, keys)
         drive(spec.config, stages)
         return stages, True
     except _Missing:
@@ -159,13 +160,15 @@ def run_cell(cell: Cell, grid: str, parent_run_id: str | None = None) -> dict:
     before = len(store.computed())
     started, clock = time.time(), time.perf_counter()
     try:
-        try:
+        for attempt in (1, 2):
             stages = TaskStages(spec)
-            report = drive(spec.config, stages).to_dict()
-        except CorruptArtifact as err:
-            logger.warning(f"{cell.describe()}: {err}; running the cell again")
-            stages = TaskStages(spec)
-            report = drive(spec.config, stages).to_dict()
+            try:
+                report = drive(spec.config, stages).to_dict()
+                break
+            except CorruptArtifact as err:
+                if attempt == 2:
+                    raise
+                logger.warning(f"{cell.describe()}: {err}; running the cell again")
     except Exception as err:
         reason = f"{type(err).__name__}: {err}"
         tracking.log_failed(key, grid, cell, parent_run_id, reason, started)

@@ -257,12 +257,11 @@ def _temporary_server() -> None:
     """Without ``PREFECT_API_URL`` each process runs flows on its own temporary Prefect server, all on one database;
     two first launches at once would race its migrations, so starting it is serialised by a file lock."""
     if not os.environ.get("PREFECT_API_URL"):
-        from filelock import FileLock
         from prefect.client.orchestration import get_client
 
-        lock = state_dir() / "locks" / "prefect-server.flock"
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(lock)), get_client(sync_client=True) as client:
+        from tasks.state import file_lock
+
+        with file_lock("prefect-server"), get_client(sync_client=True) as client:
             client.api_healthcheck()  # starts this process's temporary server (and migrates its database) now
 
 
@@ -290,7 +289,6 @@ def _check(args) -> int:
         return 0
     from flows.cell import cached_stages, cell_key, cell_spec
     from tasks import retention
-
     from tasks.store import ArtifactStore
 
     store = ArtifactStore()
@@ -303,13 +301,12 @@ def _check(args) -> int:
         before = set(store.removed)
         try:
             spec_ = cell_spec(cell, as_task=False)
-            found, complete = cached_stages(spec_, keys)
-            record = retention.cell_record(store, cell_key(spec_))
-            if not complete and record is not None and (record.info["final"] is None or
-                                                         store.get(record.info["final"]) is not None):
-                # finished; its intermediates were dropped by the retention policy
+            if (record := retention.done(store, cell_key(spec_))) is not None:
+                # finished; the retention policy may have dropped its intermediates
                 keys = [k for k in record.info["stages"] if store.get(k) is not None]
                 found, complete = len(keys), True
+            else:
+                found, complete = cached_stages(spec_, keys)
             if args.verify:
                 store.verify(list(dict.fromkeys(keys)))
         except FileNotFoundError as err:

@@ -158,8 +158,8 @@ def _up_to_date(cell) -> bool:
     if tracking.find_cell_run(key) is None:
         return False
     store = ArtifactStore()
-    if (record := retention.cell_record(store, key)) is not None:
-        return record.info["final"] is None or store.get(record.info["final"]) is not None
+    if retention.cell_record(store, key) is not None:
+        return retention.done(store, key) is not None
     return cached_stages(spec)[1]
 
 

@@ -19,12 +19,12 @@ import os
 import socket
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from tasks.state import file_lock
 from tasks.store import digest, state_dir
 
 EXPERIMENT = "losa"
@@ -54,7 +54,7 @@ def setup(experiment: str = EXPERIMENT):
         mlflow.tracking.MlflowClient().set_experiment_tag(found.experiment_id, "mlflow.experimentKind",
                                                          "custom_model_development")  # created before the tag
     if found is None:
-        with _file_lock("mlflow-setup"):  # two first launches: one creates the schema and the experiment
+        with file_lock("mlflow-setup"):  # two first launches: one creates the schema and the experiment
             if mlflow.get_experiment_by_name(experiment) is None:
                 # a local store keeps artifacts under the state folder; a tracking server keeps them where it says
                 local = tracking_uri().startswith(("sqlite:", "file:", "/"))
@@ -67,26 +67,15 @@ def setup(experiment: str = EXPERIMENT):
     return mlflow
 
 
-@contextmanager
-def _file_lock(name: str):
-    """A lock between processes on this host (flock: released by the kernel if its holder dies)."""
-    from filelock import FileLock
-
-    folder = state_dir() / "locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder / f"{name}.flock")):
-        yield
-
-
 def cell_key(model_sha256: str, config: dict, versions: str) -> str:
     """The identity of a cell's result: what it ran on, with which settings, under which code versions."""
     return digest({"model": model_sha256, "config": config, "versions": versions})[:32]
 
 
 def _launcher() -> dict:
-    import psutil
+    from tasks.locks import identity
 
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": psutil.Process().create_time()}
+    return identity()
 
 
 def _alive(launcher: dict) -> bool | None:
@@ -127,7 +116,7 @@ def start_grid(grid: str, n_cells: int, tags: dict[str, str] | None = None) -> s
     client = mlflow.tracking.MlflowClient()
     exp = mlflow.get_experiment_by_name(EXPERIMENT)
     me = {**_launcher(), "start": time.time()}
-    with _file_lock(f"grid-{digest(grid)[:16]}"):
+    with file_lock(f"grid-{digest(grid)[:16]}"):
         found = [] if os.environ.get("LOSA_FRESH_RUNS") == "1" else client.search_runs(
             [exp.experiment_id], filter_string=f"tags.`losa.kind` = 'grid' and tags.`losa.grid` = '{grid}'",
             order_by=["attributes.start_time ASC"], max_results=1)
@@ -207,7 +196,7 @@ def log_cell(key: str, grid: str, cell: Any, report: dict, parent_run_id: str | 
 
     mlflow = setup()
     client = mlflow.tracking.MlflowClient()
-    with _file_lock(f"cell-{key}"):  # one run per cell key, whatever runs at the same time on this host
+    with file_lock(f"cell-{key}"):  # one run per cell key, whatever runs at the same time on this host
         if os.environ.get("LOSA_FRESH_RUNS") != "1" and (existing := find_cell_run(key)) is not None:
             return existing
         exp = mlflow.get_experiment_by_name(EXPERIMENT)

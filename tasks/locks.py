@@ -16,10 +16,12 @@ by an atomic rename, so a duplicate computation is harmless.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -37,8 +39,14 @@ def lease_seconds() -> float:
     return float(os.environ.get("LOSA_LOCK_LEASE_S", "300"))
 
 
-def _me() -> dict:
-    return {"host": HOST, "pid": os.getpid(), "started": psutil.Process().create_time()}
+def identity() -> dict:
+    """This process as a lock (or launch) records it: host, pid and start time (a reused pid has another)."""
+    return {"host": HOST, "pid": os.getpid(), "started": _started(os.getpid())}
+
+
+@functools.lru_cache(maxsize=4)
+def _started(pid: int) -> float:
+    return psutil.Process(pid).create_time()
 
 
 def holder_alive(info: dict) -> bool | None:
@@ -76,7 +84,7 @@ class LiveLockManager(FileSystemLockManager):
 
     def _record(self, holder: str) -> tuple[bytes, object]:
         expiration = now("UTC") + timedelta(seconds=self.lease)
-        return pydantic_core.to_json({"holder": holder, "expiration": str(expiration), **_me()}), expiration
+        return pydantic_core.to_json({"holder": holder, "expiration": str(expiration), **identity()}), expiration
 
     def _write(self, key: str, holder: str) -> None:
         """Renew a held lock: the whole record replaced at once, so readers never see half of it."""
@@ -127,8 +135,8 @@ class LiveLockManager(FileSystemLockManager):
         super().release_lock(key, holder)
 
     def _heartbeat(self) -> None:
-        stop = threading.Event()
-        while not stop.wait(max(self.lease / 3, 0.05)):
+        while True:
+            time.sleep(max(self.lease / 3, 0.05))
             with self._guard:
                 if not self._held:
                     self._beat = None
@@ -140,15 +148,11 @@ class LiveLockManager(FileSystemLockManager):
                         log.warning("could not renew lock %s: %s", key[:12], e)
 
     def is_locked(self, key: str, use_cache: bool = False) -> bool:
-        info = self._get_lock_info(key, use_cache=use_cache)
+        info = self._get_lock_info(key, use_cache=use_cache)  # the whole record, host and pid included
         if info is not None and key not in self._held:
-            try:
-                raw = pydantic_core.from_json(Path(info["path"]).read_bytes())
-            except (FileNotFoundError, ValueError):
-                raw = {}
-            if holder_alive(raw) is False:
+            if holder_alive(info) is False:
                 log.warning("breaking the lock on stage %s: its holder (pid %s on %s) is gone", key[:12],
-                            raw.get("pid"), raw.get("host"))
+                            info.get("pid"), info.get("host"))
                 Path(info["path"]).unlink(missing_ok=True)
                 self._locks.pop(key, None)
                 return False

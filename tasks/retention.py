@@ -56,6 +56,15 @@ def cell_record(store: ArtifactStore, cell_key: str) -> Ref | None:
     return store.get(record_key(cell_key))
 
 
+def done(store: ArtifactStore, cell_key: str) -> Ref | None:
+    """The record of a finished cell whose final model is still in the store (None: not finished, or its final model
+    was lost and the cell has to run again)."""
+    record = cell_record(store, cell_key)
+    if record is None or (record.info["final"] is not None and store.get(record.info["final"]) is None):
+        return None
+    return record
+
+
 def plan(store: ArtifactStore, finished: Mapping[str, Ref], pending: Mapping[str, list[str]],
          retain: Retain = "shared") -> dict[str, int]:
     """Artifacts to delete ({key: bytes}) under ``retain``.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -17,3 +18,15 @@ def state_dir() -> Path:
 def artifacts_url() -> str:
     """The artifact store: ``$LOSA_ARTIFACTS`` (any fsspec URL) or ``<state>/artifacts``."""
     return os.environ.get("LOSA_ARTIFACTS") or str(state_dir() / "artifacts")
+
+
+@contextmanager
+def file_lock(name: str):
+    """A lock between processes on this host, ``<state>/locks/<name>.flock`` (flock: the kernel releases it when its
+    holder dies, so it can never strand anyone)."""
+    from filelock import FileLock
+
+    folder = state_dir() / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / f"{name}.flock")):
+        yield

@@ -85,7 +85,7 @@ class ArtifactStore:
             f.write(payload)
         self.fs.mv(tmp, path)
 
-    def _manifest(self, key: str) -> dict | None:
+    def manifest(self, key: str) -> dict | None:
         """The manifest under ``key`` if it is committed and passes the cheap checks; a corrupt one is removed."""
         path = f"{self._dir(key)}/manifest.json"
         if not self.fs.exists(path):
@@ -110,14 +110,10 @@ class ArtifactStore:
 
     def get(self, key: str) -> Ref | None:
         """The committed artifact under ``key``, or None (also when it was corrupt: it is then removed)."""
-        manifest = self._manifest(key)
+        manifest = self.manifest(key)
         if manifest is None:
             return None
         return Ref(stage=manifest["stage"], key=key, sha256=manifest["sha256"], info=manifest["info"])
-
-    def manifest(self, key: str) -> dict | None:
-        """The checked manifest of ``key`` (None if absent or corrupt)."""
-        return self._manifest(key)
 
     def size(self, key: str) -> int:
         """Bytes on disk of an artifact (manifest and tensors)."""
@@ -127,17 +123,14 @@ class ArtifactStore:
         """Remove an artifact that nothing needs any more (retention; see :mod:`tasks.retention`)."""
         try:
             self.fs.rm(self._dir(key), recursive=True)
-        except FileNotFoundError:
+        except FileNotFoundError:  # removed concurrently
             pass
 
     def remove(self, key: str, reason: str) -> None:
         """Delete an artifact (logged with ``reason``); its stage rebuilds it when next asked."""
         log.warning("artifact %s is corrupt (%s): removed, its stage will rebuild it", key[:12], reason)
         self.removed[key] = reason
-        try:
-            self.fs.rm(self._dir(key), recursive=True)
-        except FileNotFoundError:  # removed concurrently
-            pass
+        self.delete(key)
         with self.fs.open(f"{self.root}/removed.jsonl", "ab") as f:
             f.write((json.dumps({"key": key, "reason": reason, "time": time.time()}) + "\n").encode())
 
@@ -150,7 +143,7 @@ class ArtifactStore:
         bad = {}
         for key in keys if keys is not None else self.keys():
             present = self.fs.exists(f"{self._dir(key)}/manifest.json")
-            manifest = self._manifest(key)
+            manifest = self.manifest(key)
             if manifest is None:
                 if present:  # failed the cheap checks and was removed
                     bad[key] = "manifest or tensor file damaged"
