@@ -88,6 +88,15 @@ class TaskStages:
     def perplexity(self, state: Ref) -> float:
         return self._call(T.perplexity, state=state).info["ppl"]
 
+    def zero_shot(self, state: Ref) -> dict:
+        return self._call(T.zeroshot, state=state).info
+
+    def export(self, state: Ref) -> dict:
+        return self._call(T.export, state=state).info
+
+    def speed(self, state: Ref, dense: Ref) -> dict:
+        return self._call(T.speed, state=state, dense=dense).info
+
 
 class _Missing(Exception):
     pass
@@ -141,7 +150,7 @@ def cell_spec(cell: Cell, as_task: bool = True) -> CellSpec:
 
 
 def cell_key(spec: CellSpec) -> str:
-    return tracking.cell_key(spec.model_sha256, spec.config.model_dump(mode="json"), f"{METHOD_VERSION}/{STAGE_VERSION}")
+    return tracking.cell_key(spec.model_sha256, spec.config.identity(), f"{METHOD_VERSION}/{STAGE_VERSION}")
 
 
 def run_cell(cell: Cell, grid: str, parent_run_id: str | None = None) -> dict:

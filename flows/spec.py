@@ -19,13 +19,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from losa.config import FinetuneConfig, LosaConfig, Method, Pruner, SettingsConflict, canonical_pattern, label
+from losa.config import (ExportConfig, FinetuneConfig, LosaConfig, Method, Pruner, SettingsConflict, SpeedConfig,
+                         ZeroShotConfig, canonical_pattern, label)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 GRIDS_DIR = PROJECT_ROOT / "experiments"
 
 Layout = Literal["table1", "zeroshot", "nm", "ablation", "steps", "seeds"]  # the paper table layouts (flows.tables)
-NESTED = {"finetune": FinetuneConfig}  # LosaConfig fields that are models themselves
+# LosaConfig fields that are models themselves (the optional evaluation stages: ``zeroshot: {}`` runs one)
+NESTED = {"finetune": FinetuneConfig, "zeroshot": ZeroShotConfig, "export": ExportConfig, "speed": SpeedConfig}
 
 
 class GridSpecError(ValueError):
@@ -73,7 +75,7 @@ class Cell(BaseModel):
     @property
     def id(self) -> str:
         """First 12 hex digits of the sha256 of the canonical JSON of (model, config): stable across processes."""
-        text = json.dumps({"model": self.model, "config": self.config.model_dump(mode="json")}, sort_keys=True,
+        text = json.dumps({"model": self.model, "config": self.config.identity()}, sort_keys=True,
                           separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -85,14 +87,15 @@ class Cell(BaseModel):
     def params(self) -> dict[str, str]:
         """The flattened config as MLflow parameters: dotted keys for nested models, JSON text for non-strings."""
         out = {"model": self.model}
-        for key, value in _flatten(self.config.model_dump(mode="json")).items():
+        for key, value in _flatten(self.config.identity()).items():
             out[key] = value if isinstance(value, str) else json.dumps(value)
         return out
 
     @classmethod
     def from_params(cls, params: Mapping[str, str]) -> Cell:
         """Inverse of :meth:`params` (e.g. to rebuild a cell from an MLflow run)."""
-        str_keys = {k for k, v in _flatten(LosaConfig().model_dump(mode="json")).items() if isinstance(v, str)}
+        every = LosaConfig(**{name: model() for name, model in NESTED.items()})  # every nested field present
+        str_keys = {k for k, v in _flatten(every.model_dump(mode="json")).items() if isinstance(v, str)}
         nested: dict[str, Any] = {}
         for key, text in params.items():
             if key == "model":
@@ -313,6 +316,7 @@ def _settings(entry: Mapping, path: str, where: str, allow_model: bool = False,
             origins["model"] = f"{path}.model"
         elif head in NESTED and (tail or isinstance(value, dict)):
             sub = {tail: value} if tail else value
+            values.setdefault(head, {})
             for k, v in sub.items():
                 sub_at = at if tail else f"{at}.{k}"
                 if k not in NESTED[head].model_fields:
@@ -355,7 +359,8 @@ def _matches(model: str, settings: dict, entry: dict) -> bool:
             have = model
         elif key in NESTED:
             sub = settings.get(key, {})
-            if any(_norm(sub.get(k, getattr(getattr(default, key), k))) != _norm(v) for k, v in want.items()):
+            base = getattr(default, key) or NESTED[key]()
+            if any(_norm(sub.get(k, getattr(base, k))) != _norm(v) for k, v in want.items()):
                 return False
             continue
         else:

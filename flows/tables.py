@@ -48,11 +48,22 @@ METRICS = ("ppl", "ppl_pruned", "ppl_unmerged", "achieved_sparsity", "sparsity_b
 _METRIC_ALIASES = {"perplexity": "ppl", "wikitext2_ppl": "ppl", "sparsity": "achieved_sparsity"}
 _DEFAULTS = {"model": "", "method": "", "pruner": "", "pattern": "unstructured", "ablate": "", "sparsity": np.nan,
              "steps": np.nan, "seed": 0, "eval_seqlen": np.nan, **{m: np.nan for m in METRICS}, "status": ""}
-_ZEROSHOT_NOTE = "zero-shot accuracy is not measured yet; this table shows WikiText-2 perplexity"
+# metrics of the optional stages (MLflow names): zero-shot ``zs.<task>`` (the task's headline accuracy, a fraction),
+# ``zs.<task>.stderr``, ``zs.mean``; the sparse form ``export.*``; speed ``speed.<engine>.*``
+EXTRA_PREFIXES = ("zs.", "export.", "speed.")
+_ZEROSHOT_NOTE = ("no zero-shot results in these cells (set `zeroshot:` in the grid, method.md §6); the table shows "
+                  "WikiText-2 perplexity")
+_TASK_LABELS = {"boolq": "BoolQ", "rte": "RTE", "hellaswag": "HellaSwag", "winogrande": "WinoGrande",
+                "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA", "piqa": "PIQA"}
 
 
 COLUMNS = ["cell_id", "grid", "model", "label", "method", "pruner", "sparsity", "pattern", "ablate", "steps", "seed",
            "eval_seqlen", *METRICS, "run_id", "status", "failure"]
+
+
+def is_extra(metric: str) -> bool:
+    """Whether a metric belongs to an optional stage (and is passed through to the results frame)."""
+    return metric.startswith(EXTRA_PREFIXES)
 
 
 def results_frame(cells: list[Cell], metrics: dict[str, dict]) -> pd.DataFrame:
@@ -66,8 +77,9 @@ def results_frame(cells: list[Cell], metrics: dict[str, dict]) -> pd.DataFrame:
                      "ablate": ",".join(cfg.ablate), "steps": cfg.steps, "seed": cfg.seed,
                      "eval_seqlen": cfg.eval_seqlen, **{m: got.get(m, np.nan) for m in METRICS},
                      "run_id": got.get("run_id", np.nan), "status": got.get("status", ""),
-                     "failure": got.get("failure", "")})
-    return pd.DataFrame(rows, columns=COLUMNS)
+                     "failure": got.get("failure", ""), **{k: v for k, v in got.items() if is_extra(k)}})
+    extra = sorted({k for r in rows for k in r if is_extra(k)})
+    return pd.DataFrame(rows, columns=COLUMNS + extra)
 
 
 # ---------------------------------------------------------------- normalising the inputs
@@ -120,7 +132,7 @@ def _normalize(results: pd.DataFrame) -> pd.DataFrame:
     df["method"] = df["method"].str.lower()
     df["pattern"] = [_norm_pattern(p) for p in df["pattern"]]
     df["ablate"] = [_norm_ablate(a) for a in df["ablate"]]
-    for col in ("sparsity", "steps", "eval_seqlen", *METRICS):
+    for col in ("sparsity", "steps", "eval_seqlen", *METRICS, *(c for c in df.columns if is_extra(c))):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     df["_T"] = df["steps"].fillna(-1).astype(int)
     df["_seq"] = df["eval_seqlen"].fillna(-1).astype(int)
@@ -350,9 +362,11 @@ def build_tables(layout: str, results: pd.DataFrame, published: pd.DataFrame | N
         "ablation": lambda c: _losa_rows(c, ablations=True),
         "steps": _step_rows,
     }[layout]
-    what = {"zeroshot": "WikiText-2 perplexity (zero-shot accuracy: later)", "seeds": "perplexity, mean ± sd over seeds",
+    what = {"zeroshot": "WikiText-2 perplexity", "seeds": "perplexity, mean ± sd over seeds",
             "ablation": "LoSA ablations, perplexity", "steps": "LoSA by number of DSA steps T, perplexity",
             "nm": "N:M sparsity, perplexity"}.get(layout, "WikiText-2 perplexity")
+    if layout == "zeroshot" and _tasks(df):
+        return _zeroshot_tables(df)
     tables = {}
     for scope, cells in _scopes(df):
         seq = f", eval_seqlen {scope.seqlen}" if scope.seqlen >= 0 else ""
@@ -363,6 +377,81 @@ def build_tables(layout: str, results: pd.DataFrame, published: pd.DataFrame | N
         if table is not None:
             tables[f"{layout}__{_slug(scope.model)}__{_slug(scope.pruner)}{scope.suffix}"] = table
     return tables
+
+
+# ---------------------------------------------------------------- Table 2: zero-shot accuracy
+
+def _tasks(df: pd.DataFrame) -> list[str]:
+    """The zero-shot tasks with a result in the frame, in the paper's order (then any others)."""
+    have = {c[3:] for c in df.columns if c.startswith("zs.") and c.count(".") == 1 and c not in ("zs.mean", "zs.n")
+            and df[c].notna().any()}
+    return [t for t in _TASK_LABELS if t in have] + sorted(have - set(_TASK_LABELS))
+
+
+def _acc(cells: pd.DataFrame, metric: str, stderr: str | None, status: pd.Series) -> str:
+    """Accuracy in points: one cell ``"62.3 ± 2.1"`` (lm-eval's stderr); several (seeds) ``"mean ± sd (n=k)"``."""
+    v = pd.to_numeric(cells[metric], errors="coerce") if metric in cells else pd.Series(dtype=float)
+    v = v.dropna()
+    if not len(v):
+        return "failed" if (status == "failed").any() else ""
+    if len(v) == 1:
+        se = cells[stderr].dropna() if stderr and stderr in cells else pd.Series(dtype=float)
+        return f"{v.iloc[0] * 100:.1f}" + (f" ± {float(se.iloc[0]) * 100:.1f}" if len(se) else "")
+    return f"{v.mean() * 100:.1f} ± {v.std(ddof=1) * 100:.1f} (n={len(v)})"
+
+
+def _zeroshot_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The paper's Table 2: one table per model, pruner and sparsity; methods as rows (dense, pruned, +LoRA, +LoSA),
+    tasks as columns, then the mean (of ``acc_norm`` where lm-eval reports it, else ``acc``), every accuracy with
+    its stderr; size and speed columns when those stages ran."""
+    tasks = _tasks(df)
+    df = df[(df["ablate"] == "")]
+    sizes = "export.ratio" in df and df["export.ratio"].notna().any()
+    engines = sorted({c.split(".")[1] for c in df.columns if c.startswith("speed.") and c.endswith(".decode_speedup")
+                      and df[c].notna().any()})
+    tables = {}
+    for model in dict.fromkeys(df["model"]):
+        mdf = df[df["model"] == model]
+        dense = mdf[mdf["method"] == "dense"]
+        for pruner in sorted(set(mdf.loc[mdf["method"] != "dense", "pruner"])):
+            pdf = mdf[(mdf["method"] != "dense") & (mdf["pruner"] == pruner)]
+            for sparsity in sorted(pdf["sparsity"].dropna().unique()):
+                cells = pdf[np.isclose(pdf["sparsity"], sparsity)]
+                several_t = cells.loc[cells["method"] == "losa", "_T"].nunique() > 1
+                groups = [("dense", dense)] + [(LABELS_ROW[m], cells[cells["method"] == m]) for m in
+                                               ("pruned", "lora") if (cells["method"] == m).any()]
+                losa = cells[cells["method"] == "losa"]
+                groups += [(f"+LoSA (T={t})" if several_t else "+LoSA", losa[losa["_T"] == t])
+                           for t in sorted(losa["_T"].unique())]
+                body = {}
+                for name, g in groups:
+                    if not len(g):
+                        continue
+                    row = {_TASK_LABELS.get(t, t): _acc(g, f"zs.{t}", f"zs.{t}.stderr", g["status"]) for t in tasks}
+                    row["Mean"] = _acc(g, "zs.mean", None, g["status"])
+                    if sizes:
+                        r = pd.to_numeric(g.get("export.ratio"), errors="coerce").dropna()
+                        row["size (× dense)"] = f"{r.mean():.2f}×" if len(r) else ""
+                    for e in engines:
+                        r = pd.to_numeric(g.get(f"speed.{e}.decode_speedup"), errors="coerce").dropna()
+                        row[f"decode × ({e})"] = f"{r.mean():.2f}×" if len(r) else ""
+                    body[name] = row
+                columns = list(next(iter(body.values())))
+                table = pd.DataFrame([[body[r][c] for c in columns] for r in body],
+                                     index=pd.Index(list(body), name="method"),
+                                     columns=pd.Index(columns, name="task"), dtype=object)
+                n = pd.to_numeric(cells.get("zs.n"), errors="coerce").dropna() if "zs.n" in cells else []
+                limit = f", {int(n.max())} documents per task at most" if len(n) else ""
+                table.attrs = {"title": f"zero-shot accuracy (%, ± stderr): {model}, {pruner}, "
+                                        f"{sparsity * 100:g}% sparsity{limit}", "model": model, "pruner": pruner,
+                               "eval_seqlen": -1, "notes": [
+                                   "Mean: over the tasks, acc_norm where lm-eval reports it (HellaSwag, ARC, OBQA, "
+                                   "PIQA), else acc (method.md §6)."]}
+                tables[f"zeroshot__{_slug(model)}__{_slug(pruner)}__{sparsity * 100:g}"] = table
+    return tables
+
+
+LABELS_ROW = {"pruned": "pruned", "lora": "+LoRA"}
 
 
 # ---------------------------------------------------------------- writers

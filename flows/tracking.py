@@ -249,13 +249,48 @@ def _cell_metrics(report: dict) -> dict[str, float | None]:
            "achieved_sparsity": report["sparsity"], "sparsity_before_merge": report["sparsity_before_merge"],
            "trainable_params": report["trainable_params"]}
     # per-layer sparsity lives in report.json / layer_sparsity.json: 200+ single-value charts would bury the loss
-    return out
+    return {**out, **stage_metrics(report)}
+
+
+def stage_metrics(report: dict) -> dict[str, float]:
+    """MLflow metrics of the optional stages (see flows.tables.EXTRA_PREFIXES): per zero-shot task its headline
+    accuracy ``zs.<task>`` (acc_norm where reported, else acc), ``zs.<task>.stderr``, lm-eval's ``acc``/``acc_norm``
+    and their stderrs, ``zs.mean``, ``zs.n`` (documents per task); the sparse form's bytes; latencies per engine."""
+    from losa.evaluate import headline
+
+    out: dict[str, float] = {}
+    for task, row in (report.get("zeroshot") or {}).items():
+        if task == "mean":
+            out["zs.mean"] = row["acc"]
+            continue
+        norm = "acc_norm" in row
+        out[f"zs.{task}"] = headline(row)
+        out[f"zs.{task}.stderr"] = row["acc_norm_stderr" if norm else "acc_stderr"]
+        out.update({f"zs.{task}.{k}": v for k, v in row.items() if k != "n"})
+        out["zs.n"] = max(out.get("zs.n", 0), row.get("n", 0))
+    for k in ("bytes_dense", "bytes_sparse", "ratio", "bytes_dense_prunable", "bytes_sparse_prunable",
+              "ratio_prunable", "nnz"):
+        if k in (report.get("export") or {}):
+            out[f"export.{k}"] = report["export"][k]
+    speed = report.get("speed") or {}
+    for e, r in speed.get("engines", {}).items():
+        if r.get("available"):
+            out.update({f"speed.{e}.prefill_ms": r["prefill_ms"], f"speed.{e}.decode_ms": r["decode_ms"]})
+    for side in ("dense",):
+        for e, r in speed.get(side, {}).items():
+            if r.get("available"):
+                out.update({f"speed.{e}.dense_prefill_ms": r["prefill_ms"], f"speed.{e}.dense_decode_ms": r["decode_ms"]})
+    for e, r in speed.get("speedup", {}).items():
+        out.update({f"speed.{e}.prefill_speedup": r["prefill"], f"speed.{e}.decode_speedup": r["decode"]})
+    for e, r in speed.get("speedup_vs_torch", {}).items():
+        out[f"speed.{e}.decode_vs_torch"] = r["decode"]
+    return {k: float(v) for k, v in out.items() if v is not None and v == v}
 
 
 def results_frame(keys: dict[str, Any]) -> pd.DataFrame:
     """One row per cell (``keys``: cell key -> spec Cell) from the latest finished run of each key; a cell whose
     latest run failed (and that never finished) has status ``failed`` and its reason, no metrics."""
-    from flows.tables import METRICS, results_frame
+    from flows.tables import METRICS, is_extra, results_frame
 
     mlflow = setup()
     metrics = {}
@@ -269,6 +304,8 @@ def results_frame(keys: dict[str, Any]) -> pd.DataFrame:
             metrics[cell.id] = {"run_id": r["run_id"], "grid": r.get("tags.losa.grid", ""), "status": status.lower()}
             if status == "FINISHED":
                 metrics[cell.id].update({m: r.get(f"metrics.{m}") for m in METRICS})
+                metrics[cell.id].update({c[len("metrics."):]: v for c, v in r.items()
+                                         if c.startswith("metrics.") and is_extra(c[len("metrics."):]) and v == v})
             else:
                 metrics[cell.id]["failure"] = r.get("tags.losa.failure", "") or ""
             break

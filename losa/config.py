@@ -87,6 +87,46 @@ class FinetuneConfig(BaseModel):
     optimizer: str = "auto"  # "auto": paged 8-bit AdamW on CUDA when bitsandbytes is installed, else torch AdamW
 
 
+ZeroShotTask = Literal["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa"]
+ZEROSHOT_TASKS: tuple[str, ...] = get_args(ZeroShotTask)
+PAPER_TASKS: tuple[str, ...] = ZEROSHOT_TASKS[:7]  # the paper's Table 2 (Wanda's protocol); PIQA is extra
+Engine = Literal["torch", "csr", "onnxruntime", "deepsparse"]
+ENGINES: tuple[str, ...] = get_args(Engine)
+EVALUATIONS = ("zeroshot", "export", "speed")  # optional stages after the final model: unset, not in a cell's identity
+
+
+class ZeroShotConfig(BaseModel):
+    """The zero-shot stage (method.md §6): lm-eval tasks, documents per task (None: all), batch, task source."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tasks: tuple[ZeroShotTask, ...] = Field(PAPER_TASKS, min_length=1)
+    limit: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    source: Literal["local", "hub"] = "local"  # hub: lm-eval's standard tasks and their hub data (online only)
+
+
+class ExportConfig(BaseModel):
+    """The export stage (method.md §7): the final model's compact sparse form, in ``dtype``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+
+
+class SpeedConfig(BaseModel):
+    """The speed stage (method.md §7): prefill of ``prefill`` tokens and ``decode`` single-token steps after it, the
+    median of ``repeats`` runs, on each engine."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prefill: int = Field(512, ge=1)
+    decode: int = Field(16, ge=1)
+    repeats: int = Field(3, ge=1)
+    engines: tuple[Engine, ...] = Field(("torch", "csr", "onnxruntime"), min_length=1)
+    threads: int | None = Field(None, ge=1)  # None: torch's default
+
+
 DEFAULT_BETA = {"wanda": 1.0, "sparsegpt": 100.0, "magnitude": 1.0}  # official: 1 with Wanda, 100 with SparseGPT
 
 
@@ -147,6 +187,10 @@ class LosaConfig(BaseModel):
     eval_seqlen: int = Field(256, ge=2)
     eval_batch_size: int = Field(8, ge=1)
     eval_windows: int | None = Field(None, ge=1)
+    # optional stages on the final model (method.md §6–§7); None: not run
+    zeroshot: ZeroShotConfig | None = None
+    export: ExportConfig | None = None
+    speed: SpeedConfig | None = None
 
     @field_validator("pattern", mode="before")
     @classmethod
@@ -227,6 +271,12 @@ class LosaConfig(BaseModel):
         elif isinstance(s.get("ablate", ()), (list, tuple)):
             s["ablate"] = tuple(sorted(s.get("ablate", ()), key=lambda a: ablation_rank(str(a))))
         return s
+
+    def identity(self) -> dict[str, Any]:
+        """The config as JSON data, without the optional evaluation stages that are not set: what names a cell (its
+        id and MLflow key), so adding these stages to the code changed no existing cell."""
+        dump = self.model_dump(mode="json")
+        return {k: v for k, v in dump.items() if not (k in EVALUATIONS and v is None)}
 
     def parsed_pattern(self) -> tuple[str, Pattern]:
         """(``"unstructured"`` | ``"nm"`` | ``"mixed"``, the base pattern)."""

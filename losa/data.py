@@ -291,3 +291,80 @@ def render_alpaca(example: dict) -> tuple[str, str]:
     """The (prompt, response) pair of an Alpaca record with the Stanford Alpaca template."""
     template = ALPACA_PROMPT_INPUT if example.get("input") else ALPACA_PROMPT
     return template.format(instruction=example["instruction"], input=example.get("input", "")), example["output"]
+
+
+# --------------------------------------------------------------------------------------------- zero-shot tasks
+
+# task -> (shipped file(s), the split lm-eval's standard task scores, hub id of the standard task's data set)
+ZEROSHOT_FILES: dict[str, tuple[tuple[str, ...], str]] = {
+    "boolq": (("boolq/dev.jsonl",), "validation"),
+    "rte": (("rte/dev.tsv",), "validation"),
+    "hellaswag": (("hellaswag/hellaswag_val_full.txt.bz2",), "validation"),
+    "winogrande": (("winogrande/dev.jsonl",), "validation"),
+    "arc_easy": (("arc/ARC-Easy-test.jsonl",), "test"),
+    "arc_challenge": (("arc/ARC-Challenge-test.jsonl",), "test"),
+    "openbookqa": (("openbookqa/test.jsonl",), "test"),
+    "piqa": (("piqa/valid.jsonl", "piqa/valid-labels.lst"), "validation"),
+}
+
+
+def _jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _hellaswag(path: Path) -> list[dict]:
+    # MANIFEST §3: 6 lines per item, "activity_label: ctx", the gold index, 4 endings
+    import bz2
+
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    return [{"ctx": lines[i], "label": int(lines[i + 1]), "endings": lines[i + 2 : i + 6]}
+            for i in range(0, len(lines) - 5, 6)]
+
+
+def zeroshot_docs(task: str) -> list[dict]:
+    """The shipped copy of a zero-shot task's evaluation split (:data:`ZEROSHOT_FILES`) as records with the field
+    names of the data set lm-eval's standard task reads (method.md §6):
+
+    - ``boolq``: ``passage``, ``question``, ``label`` (int of ``answer``: SuperGLUE's form of the same 3,270 items);
+    - ``rte``: GLUE's ``sentence1``, ``sentence2``, ``label`` (0 = entailment);
+    - ``hellaswag``: ``ctx`` ("activity_label: ctx_a ctx_b" as one string: the shipped copy is converted text, so
+      ``ctx_b`` cannot be capitalised as lm-eval does), ``endings``, ``label``;
+    - ``winogrande``: ``sentence``, ``option1``, ``option2``, ``answer`` ("1"/"2");
+    - ``arc_*``: ``question``, ``choices`` {``text``, ``label``}, ``answerKey``;
+    - ``openbookqa``: HF's flat ``question_stem``, ``choices``, ``answerKey``;
+    - ``piqa``: ``goal``, ``sol1``, ``sol2``, ``label`` (from ``valid-labels.lst``).
+
+    Raises:
+        KeyError: an unknown task. DataNotFoundError: its file is nowhere (every place looked is listed).
+    """
+    import csv
+
+    files, _ = ZEROSHOT_FILES[task]
+    require(*files)
+    path = find(files[0])
+    if task == "boolq":
+        return [{"passage": r["passage"], "question": r["question"], "label": int(r["answer"])} for r in _jsonl(path)]
+    if task == "rte":
+        with open(path, encoding="utf-8", newline="") as f:
+            return [{"sentence1": r["sentence1"], "sentence2": r["sentence2"], "label": int(r["label"]),
+                     "idx": int(r["idx"])} for r in csv.DictReader(f, delimiter="\t")]
+    if task == "hellaswag":
+        return _hellaswag(path)
+    if task == "openbookqa":
+        return [{"id": r["id"], "question_stem": r["question"]["stem"], "answerKey": r["answerKey"],
+                 "choices": {"text": [c["text"] for c in r["question"]["choices"]],
+                             "label": [c["label"] for c in r["question"]["choices"]]}} for r in _jsonl(path)]
+    if task == "piqa":
+        labels = find(files[1]).read_text(encoding="utf-8").split()
+        records = _jsonl(path)
+        if len(labels) != len(records):
+            raise ValueError(f"{files[1]} has {len(labels)} labels for {len(records)} records in {files[0]}")
+        return [{**r, "label": int(y)} for r, y in zip(records, labels)]
+    return _jsonl(path)  # winogrande, arc_*: already in the standard task's fields
+
+
+def zeroshot_sha256(tasks: Sequence[str]) -> dict[str, str]:
+    """Content hashes of the files the given zero-shot tasks read (their cache key's data part)."""
+    return {rel: sha256(find(rel)) for t in tasks for rel in ZEROSHOT_FILES[t][0] if find(rel) is not None}

@@ -59,6 +59,10 @@ class LosaReport:
     sparsity_before_merge: float | None = None  # plain-LoRA baseline: sparsity before its (dense) merge
     trainable_params: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    # optional stages on the final model (config.zeroshot / export / speed): None when not run
+    zeroshot: dict | None = None  # task -> lm-eval's acc, acc_stderr, acc_norm, ...; "mean"
+    export: dict | None = None  # the sparse form's byte counts (losa.export.describe)
+    speed: dict | None = None  # latencies per engine and speed-ups (losa.speed.measure)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,16 +127,28 @@ def run_losa(model, tokenizer, cfg: LosaConfig, *, calibration: torch.Tensor | N
 
 def drive(cfg: LosaConfig, stages: Stages) -> LosaReport:
     """The control flow of one cell, written once for every executor (in memory, or one cached job per stage)."""
-    report = LosaReport(config=cfg.model_dump(mode="json"))
-    with _timed(report.timings, "total"):
+    report = LosaReport(config=cfg.identity())
+    times = report.timings
+    with _timed(times, "total"):
         dense = stages.dense()
         if cfg.method == "dense":
-            with _timed(report.timings, "perplexity"):
+            with _timed(times, "perplexity"):
                 report.ppl = stages.perplexity(dense)
+            final = dense
         elif cfg.method in ("pruned", "lora"):
-            _one_shot(cfg, stages, dense, report)
+            final = _one_shot(cfg, stages, dense, report)
         else:
-            _dsa(cfg, stages, dense, report)
+            final = _dsa(cfg, stages, dense, report)
+        # the optional stages, on the model whose perplexity is report.ppl (method.md §6–§7)
+        if cfg.zeroshot is not None:
+            with _timed(times, "zeroshot"):
+                report.zeroshot = stages.zero_shot(final)
+        if cfg.export is not None:
+            with _timed(times, "export"):
+                report.export = stages.export(final)
+        if cfg.speed is not None:
+            with _timed(times, "speed"):
+                report.speed = stages.speed(final, dense)
     return report
 
 
@@ -150,8 +166,9 @@ def _sizes(pr: PruneReport) -> dict[str, int]:
     return {f"{r.block}.{r.name}": r.shape[0] * r.shape[1] for r in pr.layers}
 
 
-def _one_shot(cfg: LosaConfig, stages: Stages, dense, report: LosaReport) -> None:
-    """Baselines: uniform one-shot pruning, then (``lora``) a standard, unmasked LoRA of uniform rank."""
+def _one_shot(cfg: LosaConfig, stages: Stages, dense, report: LosaReport):
+    """Baselines: uniform one-shot pruning, then (``lora``) a standard, unmasked LoRA of uniform rank. Returns the
+    final state."""
     kind, base = cfg.parsed_pattern()
     n, times = stages.n_blocks, report.timings
     with _timed(times, "prune"):
@@ -162,7 +179,7 @@ def _one_shot(cfg: LosaConfig, stages: Stages, dense, report: LosaReport) -> Non
     report.sparsity = pr.sparsity
     if cfg.method == "pruned":
         report.ppl = report.ppl_pruned
-        return
+        return pruned
     with _timed(times, "finetune"):
         state, trained = stages.lora(pruned)
     report.trainable_params = trained.trainable_params
@@ -179,10 +196,11 @@ def _one_shot(cfg: LosaConfig, stages: Stages, dense, report: LosaReport) -> Non
         report.ppl = stages.perplexity(merged)
     report.layer_sparsity = final.layer_sparsity  # drops: the plain LoRA update is dense
     report.sparsity = overall_sparsity(report.layer_sparsity, _sizes(pr))
+    return merged
 
 
-def _dsa(cfg: LosaConfig, stages: Stages, dense, report: LosaReport) -> None:
-    """The T-step loop of method.md §4 (Algorithm 1), one numbered step per comment."""
+def _dsa(cfg: LosaConfig, stages: Stages, dense, report: LosaReport):
+    """The T-step loop of method.md §4 (Algorithm 1), one numbered step per comment. Returns the final state."""
     T, n = cfg.effective_steps, stages.n_blocks
     with _timed(report.timings, "dense_outputs"):
         reference = stages.dense_outputs()  # Y^dense, once
@@ -228,6 +246,7 @@ def _dsa(cfg: LosaConfig, stages: Stages, dense, report: LosaReport) -> None:
     verify_final_sparsity(report.layer_sparsity, pr)
     with _timed(report.timings, "perplexity"):
         report.ppl = stages.perplexity(merged)
+    return merged
 
 
 def verify_final_sparsity(layer_sparsity: dict[str, float], last: PruneReport) -> None:

@@ -178,6 +178,34 @@ def perplexity(model: nn.Module, tokenizer, cfg: LosaConfig, text: str | None = 
     return value
 
 
+def zero_shot(model: nn.Module, tokenizer, cfg: LosaConfig, *, progress: bool = False) -> dict[str, dict[str, float]]:
+    """Zero-shot accuracy of the model as it is through lm-eval (method.md §6), with ``cfg.zeroshot``'s settings."""
+    from .evaluate import zero_shot as score
+
+    z = cfg.zeroshot
+    return score(model, tokenizer, z.tasks, limit=z.limit, batch_size=z.batch_size, source=z.source,
+                 progress=progress)
+
+
+def sparse_form(model: nn.Module, cfg: LosaConfig) -> tuple[dict[str, torch.Tensor], dict]:
+    """The final model's compact sparse form (:mod:`losa.export`, method.md §7) in ``cfg.export.dtype`` and its byte
+    counts against the dense model in the same dtype."""
+    from .export import DTYPES, describe, sparse_state_dict
+
+    dtype = cfg.export.dtype
+    tensors = sparse_state_dict(base_model(model), DTYPES[dtype])
+    return tensors, describe(base_model(model), tensors, dtype)
+
+
+def speed(model: nn.Module, dense: nn.Module | None, cfg: LosaConfig, *, workdir=None) -> dict:
+    """Prefill and decode latency of the model and of its dense original per engine (:mod:`losa.speed`, §7)."""
+    from .speed import measure
+
+    s = cfg.speed
+    return measure(base_model(model), None if dense is None else base_model(dense), prefill=s.prefill,
+                   decode=s.decode, repeats=s.repeats, engines=s.engines, threads=s.threads, workdir=workdir)
+
+
 def _train(model, tokenizer, cfg: LosaConfig, t: int, stream, log, progress: bool, desc: str):
     from .finetune import finetune as train
 
@@ -278,6 +306,10 @@ class Stages(Protocol):
     def merge(self, state) -> Any: ...  # DSA step 2: merge the adapter, keep it
     def finalize(self, state, patterns: list[str]) -> tuple[Any, Finalized]: ...  # merge and unload, verify
     def perplexity(self, state) -> float: ...
+    # optional stages on the final model (method.md §6–§7), run when the config asks for them
+    def zero_shot(self, state) -> dict: ...  # lm-eval accuracies per task, and their mean
+    def export(self, state) -> dict: ...  # the sparse form's byte counts
+    def speed(self, state, dense) -> dict: ...  # latencies per engine and speed-ups
 
 
 class LocalStages:
@@ -352,7 +384,20 @@ class LocalStages:
         self._use(state)
         return perplexity(self.model, self.tokenizer, self.cfg, self.eval_text, progress=self.progress)
 
+    def zero_shot(self, state) -> dict:
+        self._use(state)
+        return zero_shot(self.model, self.tokenizer, self.cfg, progress=self.progress)
+
+    def export(self, state) -> dict:
+        self._use(state)
+        return sparse_form(self.model, self.cfg)[1]
+
+    def speed(self, state, dense) -> dict:
+        self._use(state)  # the dense original is gone (pruned in place): speed-ups are against dense kernels
+        return speed(self.model, None, self.cfg)
+
 
 __all__ = ["Finalized", "Importance", "LocalStages", "MergeVerificationError", "Stages", "Trained", "dense_outputs",
            "finalize", "finetune", "importance", "info", "jsonable", "layer_sparsity", "lora", "merge",
-           "overall_sparsity", "perplexity", "prune", "step_data", "token_stream", "verify_nm"]
+           "overall_sparsity", "perplexity", "prune", "sparse_form", "speed", "step_data", "token_stream", "verify_nm",
+           "zero_shot"]

@@ -60,6 +60,13 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "merge": _ADAPTER,
     "finalize": _ADAPTER,
     "perplexity": ("eval_seqlen", "eval_batch_size", "eval_windows") + _ADAPTER,
+    "zeroshot": ("zeroshot",) + _ADAPTER,
+    "export": ("export",),
+    "speed": ("speed",),
+}
+# what else a stage reads: the content of data files (their hashes enter its key) and the libraries that score it
+DATA: dict[str, Callable[[LosaConfig], dict[str, str]]] = {
+    "zeroshot": lambda cfg: {**_zeroshot_files(cfg), "lm_eval": _version("lm_eval"), "tasks": _task_files_hash()},
 }
 
 
@@ -72,8 +79,38 @@ def cache_key(stage: str, params: dict[str, Any]) -> str:
     inputs["model"] = cell.model_sha256
     # a cache record is only valid for the store its Ref points into
     inputs["store"] = artifacts_url()
+    if stage in DATA:
+        inputs["data"] = DATA[stage](cell.config)
     return stage_key(stage, f"{METHOD_VERSION}/{STAGE_VERSION}", {**{f: cfg[f] for f in FIELDS[stage]}, **own},
                      inputs)
+
+
+def _zeroshot_files(cfg: LosaConfig) -> dict[str, str]:
+    from losa import data
+
+    return data.zeroshot_sha256(cfg.zeroshot.tasks) if cfg.zeroshot.source == "local" else {}
+
+
+@functools.lru_cache(maxsize=1)
+def _task_files_hash() -> str:
+    """Content hash of the lm-eval task files (prompts, choices, metrics)."""
+    import hashlib
+
+    from losa.evaluate import TASKS_DIR
+
+    h = hashlib.sha256()
+    for path in sorted([*TASKS_DIR.glob("*.yaml"), *TASKS_DIR.glob("*.py")]):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def _version(package: str) -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version(package.replace("_", "-"))
+    except md.PackageNotFoundError:
+        return "missing"
 
 
 def _store() -> ArtifactStore:
@@ -253,6 +290,31 @@ def perplexity(cell: CellSpec, state: Ref, _key: str = "", _store: ArtifactStore
     clock = _clock()
     ppl = stages.perplexity(_model(cell, _snapshot(state)), _tokenizer(cell.model), cell.config, progress=False)
     return _store.put("perplexity", _key, {"ppl": ppl}, seconds=clock)
+
+
+@stage_task("zeroshot")
+def zeroshot(cell: CellSpec, state: Ref, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
+    """Zero-shot accuracy of the state through lm-eval (method.md §6); info = task -> lm-eval's numbers."""
+    clock = _clock()
+    model = _model(cell, _snapshot(state))
+    result = stages.zero_shot(model, _tokenizer(cell.model), cell.config)
+    return _store.put("zeroshot", _key, stages.jsonable(result), seconds=clock)
+
+
+@stage_task("export")
+def export(cell: CellSpec, state: Ref, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
+    """The state's compact sparse form (method.md §7; ``losa export`` writes it out as folders); info = its bytes."""
+    clock = _clock()
+    tensors, sizes = stages.sparse_form(_model(cell, _snapshot(state)), cell.config)
+    return _store.put("export", _key, sizes, tensors, seconds=clock)
+
+
+@stage_task("speed")
+def speed(cell: CellSpec, state: Ref, dense: Ref, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
+    """Prefill/decode latency of the state and of the dense model per engine (method.md §7); measured once."""
+    clock = _clock()
+    result = stages.speed(_model(cell, _snapshot(state)), _model(cell), cell.config, workdir=state_dir())
+    return _store.put("speed", _key, stages.jsonable(result), seconds=clock)
 
 
 def model_ref(cell: CellSpec) -> Ref:

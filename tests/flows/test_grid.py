@@ -37,10 +37,11 @@ MICRO = {
 }
 
 
-def write_grid(folder: Path, methods: list[str], dense: bool = True, name: str = "micro", **fixed) -> Path:
+def write_grid(folder: Path, methods: list[str], dense: bool = True, name: str = "micro", table: str = "table1",
+               **fixed) -> Path:
     """The micro grid (``methods`` on the pruned axis, plus the dense cell) as ``<folder>/<name>.yaml``."""
     raw = json.loads(json.dumps(MICRO))
-    raw["name"] = name
+    raw["name"], raw["table"] = name, table
     raw["axes"]["method"] = list(methods)
     raw["fixed"].update(fixed)
     if not dense:
@@ -488,6 +489,50 @@ def test_a_diverged_cell_fails_with_its_reason_and_the_grid_goes_on(losa_env, tm
 
     table = (tmp_path / "state" / "outputs" / "diverged" / "tables.md").read_text()
     assert re.search(r"\| \+LoRA \(merged\) +\| failed \|", table) and re.search(r"\| pruned +\| \d+\.\d\d \|", table)
+
+
+def test_optional_stages_run_cached_log_and_fill_table2(losa_env, tmp_path, monkeypatch):
+    """zero-shot, export and speed as stages of a cell: logged to MLflow, in Table 2, cached on a rerun."""
+    from flows.grid import losa_grid
+    from losa.export import dense_state_dict
+    from tasks.store import ArtifactStore
+
+    import torch
+
+    monkeypatch.setenv("LOSA_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{(tmp_path / 'state').resolve() / 'mlflow.db'}")
+    path = write_grid(tmp_path / "grids", ["pruned"], name="zs", table="zeroshot",
+                      zeroshot={"tasks": ["rte", "arc_easy"], "limit": 4, "batch_size": 4},
+                      export={"dtype": "float16"},
+                      speed={"prefill": 16, "decode": 2, "repeats": 1, "engines": ["torch", "csr", "onnxruntime"]})
+    losa_grid(str(path))
+    runs = mlflow_runs(**{"losa.kind": "cell"}).set_index("tags.losa.label")
+    for label in ("dense", "pruned"):
+        r = runs.loc[label]
+        assert 0 <= r["metrics.zs.rte"] <= 1 and r["metrics.zs.arc_easy"] == r["metrics.zs.arc_easy.acc_norm"]
+        assert r["metrics.zs.mean"] == (r["metrics.zs.rte"] + r["metrics.zs.arc_easy"]) / 2
+        assert r["metrics.zs.n"] == 4
+        assert r["metrics.speed.torch.decode_ms"] > 0 and r["metrics.speed.onnxruntime.decode_ms"] > 0
+        assert r["metrics.speed.csr.decode_speedup"] > 0
+    assert runs.loc["pruned", "metrics.export.ratio"] < runs.loc["dense", "metrics.export.ratio"]
+    # the stored sparse form restores the final model's weights in fp16 bit for bit
+    store = ArtifactStore()
+    spec = next(c for c in load_grid(path).cells() if c.config.method == "pruned")
+    from flows.cell import cell_spec
+
+    refs = {r.stage: r for r in stage_refs(cell_spec(spec, as_task=False))}
+    weights = dense_state_dict(store.tensors(refs["export"])[0])
+    pruned = {k: v for k, v in store.tensors(refs["prune"])[0].items() if k.startswith("w.")}  # w.<block>.<name>
+    assert pruned and refs["export"].info["nnz"] == sum(int((w != 0).sum()) for w in pruned.values())
+    for key, w in pruned.items():
+        block, name = key[2:].split(".", 1)
+        got = next(v for k, v in weights.items() if k.endswith(f"layers.{block}.{name}.weight"))
+        assert torch.equal(got, w.half())
+    table = (tmp_path / "state" / "outputs" / "zs" / "tables.md").read_text()
+    assert "## zeroshot__testbed__wanda__70" in table and " RTE " in table and " ARC-e " in table
+    lines = len(store.computed())
+    losa_grid(str(path))
+    assert len(store.computed()) == lines  # every stage, the optional ones too, came from the store
 
 
 def test_disk_formula_matches_what_a_losa_cell_writes(first):

@@ -156,9 +156,15 @@ def test_id_is_sha256_of_canonical_json():
     import hashlib
 
     cell = Cell(model="testbed", config=LosaConfig(sparsity=0.5))
-    text = json.dumps({"model": "testbed", "config": cell.config.model_dump(mode="json")}, sort_keys=True,
+    text = json.dumps({"model": "testbed", "config": cell.config.identity()}, sort_keys=True,
                       separators=(",", ":"))
     assert cell.id == hashlib.sha256(text.encode()).hexdigest()[:12]
+    # unset evaluation stages stay out of the identity, so cells named before they existed keep their ids
+    from losa.config import EVALUATIONS, ZeroShotConfig
+
+    assert set(cell.config.model_dump()) - set(cell.config.identity()) == set(EVALUATIONS)
+    with_zs = Cell(model="testbed", config=LosaConfig(sparsity=0.5, zeroshot=ZeroShotConfig(limit=10)))
+    assert with_zs.id != cell.id and with_zs.config.identity()["zeroshot"]["limit"] == 10
     assert cell.id != Cell(model="other", config=cell.config).id
     assert cell.id != Cell(model="testbed", config=LosaConfig(sparsity=0.6)).id
 
@@ -341,7 +347,9 @@ def test_grid_error_is_a_value_error():
 # --- MLflow params -----------------------------------------------------------------------------------------------
 
 def test_params_round_trip(grids):
-    fields = set(LosaConfig.model_fields) - {"finetune"}
+    from losa.config import EVALUATIONS, ExportConfig, ZeroShotConfig
+
+    fields = set(LosaConfig.model_fields) - {"finetune"} - set(EVALUATIONS)  # unset stages: no params
     for name in ("testbed", "testbed-nm", "table1-ppl"):
         for cell in grids[name].cells():
             params = cell.params()
@@ -349,6 +357,12 @@ def test_params_round_trip(grids):
             assert set(params) == fields | {f"finetune.{k}" for k in FinetuneConfig.model_fields} | {"model"}
             assert Cell.from_params(params) == cell
             assert Cell.from_params(params).id == cell.id
+    for cell in grids["smollm2-table2-zeroshot"].cells():  # set stages: dotted params, and back
+        params = cell.params()
+        assert {f"zeroshot.{k}" for k in ZeroShotConfig.model_fields} | {f"export.{k}" for k in
+                                                                         ExportConfig.model_fields} <= set(params)
+        assert params["zeroshot.limit"] == "100" and params["export.dtype"] == "float16"
+        assert Cell.from_params(params) == cell
     c = next(c for c in grids["testbed"].cells() if c.label == "-LSR" and c.config.pruner == "sparsegpt")
     p = c.params()
     assert (p["model"], p["pruner"], p["sparsity"], p["ablate"], p["finetune.batch_size"], p["eval_windows"],

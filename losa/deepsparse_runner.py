@@ -1,0 +1,47 @@
+"""Run by the DeepSparse environment's Python (see losa/speed.py): times the prefill and decode ONNX graphs with
+``deepsparse.Engine`` and prints one JSON line. Reads its job as JSON on stdin. Imports nothing from losa."""
+
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+from deepsparse import Engine
+
+
+def median_ms(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main():
+    job = json.loads(sys.stdin.read())
+    ids = np.asarray(job["prompt"], dtype=np.int64)
+    kw = {"num_cores": job["threads"]} if job.get("threads") else {}
+    pre = Engine(job["prefill"], batch_size=1, **kw)
+    dec = Engine(job["decode_graph"], batch_size=1, **kw)
+    first = pre([ids])
+
+    def steps():
+        # DeepSparse compiles for fixed shapes: every step attends to the prompt's cache (the cache does not grow),
+        # i.e. the latency of one token at a context of len(prompt)
+        out = pre([ids])
+        tok = out[0][:, -1:].argmax(-1).astype(np.int64)
+        for _ in range(job["decode"]):
+            step = dec([tok, *out[1:]])
+            tok = step[0][:, -1:].argmax(-1).astype(np.int64)
+
+    prefill_ms = median_ms(lambda: pre([ids]), job["repeats"])
+    decode_ms = max(median_ms(steps, job["repeats"]) - prefill_ms, 0.0) / job["decode"]
+    print(json.dumps({"prefill_ms": prefill_ms, "decode_ms": decode_ms,
+                      "logits": first[0][0, -1].astype(float).tolist()}))
+
+
+if __name__ == "__main__":
+    main()
