@@ -361,7 +361,7 @@ def test_params_round_trip(grids):
         params = cell.params()
         assert {f"zeroshot.{k}" for k in ZeroShotConfig.model_fields} | {f"export.{k}" for k in
                                                                          ExportConfig.model_fields} <= set(params)
-        assert params["zeroshot.limit"] == "100" and params["export.dtype"] == "float16"
+        assert params["zeroshot.limit"] == "50" and params["export.dtype"] == "float16"
         assert Cell.from_params(params) == cell
     c = next(c for c in grids["testbed"].cells() if c.label == "-LSR" and c.config.pruner == "sparsegpt")
     p = c.params()
