@@ -350,6 +350,29 @@ def _gc(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from flows.export import NotFinished, export_cell
+
+    spec = _grid_or_exit(args.grid, "export")
+    try:
+        spec.cell(args.cell)
+    except (KeyError, ValueError) as err:
+        raise SystemExit(f"losa export: {err}") from None
+    out = Path(args.out) if args.out else state_dir() / "exports" / spec.name / args.cell
+    try:
+        r = export_cell(spec, args.cell, out, args.dtype, check=not args.no_check)
+    except NotFinished as err:
+        raise SystemExit(f"losa export: {err}") from None
+    print(f"{out}/hf: Hugging Face folder ({args.dtype}), {r['files']['hf'] / 2**20:.1f} MiB")
+    print(f"{out}/sparse: sparse-bitmask form, {r['files']['sparse'] / 2**20:.1f} MiB = {r['file_ratio']:.3f}x; "
+          f"prunable linears {r['bytes_sparse_prunable'] / 2**20:.1f} of {r['bytes_dense_prunable'] / 2**20:.1f} MiB "
+          f"= {r['ratio_prunable']:.3f}x ({r['sparsity_config']['global_sparsity'] * 100:.1f}% zeros); "
+          f"restores the weights bit for bit")
+    if "ppl_exported" in r:
+        print(f"perplexity: exported folder {r['ppl_exported']:.4f}, cell {r['ppl_cell']:.4f}")
+    return 0
+
+
 def _resolve_model_quietly(model: str) -> None:
     from tasks.model import resolve_model
 
@@ -375,6 +398,15 @@ def _claims(args) -> int:
 
 
 def _baseline(args) -> int:
+    if args.perf:
+        from flows import perf
+        from flows.grid import PERF_BASELINE
+
+        data = perf.write_baseline(PERF_BASELINE, repeats=args.repeats)
+        for k, b in data["ratios"].items():
+            print(f"{k:<28} {b['mean']:.3f} ± {b['band']:.3f}  (sd {b['sd']:.3f}, n={b['n']})")
+        print(f"speed baseline written to {PERF_BASELINE}")
+        return 0
     _grid_or_exit(args.grid, "baseline")
     from flows.grid import write_baseline
 
@@ -537,6 +569,14 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--dry-run", action="store_true", help="only report what would be freed")
     gc.set_defaults(func=_gc)
 
+    ex = sub.add_parser("export", help="a finished cell's model as a Hugging Face folder and its sparse-bitmask form")
+    ex.add_argument("grid")
+    ex.add_argument("cell", help="the cell id (see `losa check <grid>`)")
+    ex.add_argument("--out", default=None, help="output folder (default: $LOSA_HOME/exports/<grid>/<cell>)")
+    ex.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    ex.add_argument("--no-check", action="store_true", help="skip the perplexity check of the exported folder")
+    ex.set_defaults(func=_export)
+
     t = sub.add_parser("tables", help="a grid's tables and plots from MLflow (Markdown, CSV, parquet, LaTeX, PNG)")
     t.add_argument("grid", nargs="?", default="testbed")
     t.add_argument("--out", default=None, help="output folder (default: $LOSA_HOME/outputs/<grid>)")
@@ -550,6 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bl = sub.add_parser("baseline", help="record a grid's current results as its regression baseline")
     bl.add_argument("grid", nargs="?", default="testbed")
+    bl.add_argument("--perf", action="store_true", help="record the speed ratios' baseline instead (flows/perf.py)")
+    bl.add_argument("--repeats", type=int, default=5, help="--perf: measurements that set the noise band")
     bl.set_defaults(func=_baseline)
 
     u = sub.add_parser("up", help="start a local Prefect server and worker, and deploy prefect.yaml")

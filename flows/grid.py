@@ -260,11 +260,37 @@ def write_baseline(grid: str, path: Path | None = None) -> Path:
     return path
 
 
+PERF_BASELINE = BASELINES / "perf-testbed.json"  # the speed ratios' banded baseline (flows/perf.py)
+
+
+def check_perf(parent_run_id: str | None, path: Path = PERF_BASELINE) -> list[dict]:
+    """Measure the speed ratios once, log them (``perf.<ratio>``) on the grid's parent run and return the ones
+    outside their baseline's noise band (none without a baseline: write one with ``losa baseline --perf``)."""
+    from flows import perf
+
+    if not path.exists():
+        print(f"no speed baseline at {path}: speed ratios not checked (`losa baseline --perf` writes one)")
+        return []
+    expected = json.loads(path.read_text())
+    now = perf.once(**expected.get("settings", {}))
+    moved = perf.compare(now, expected["ratios"])
+    if parent_run_id:
+        client = tracking.setup().tracking.MlflowClient()
+        for k, v in now.items():
+            client.log_metric(parent_run_id, f"perf.{k}", float(v))
+        client.set_tag(parent_run_id, "losa.regression.perf", "flagged" if moved else "passed")
+    for m in moved:
+        print(f"speed ratio {m['ratio']}: {m['now']} outside {m['baseline']:.3f} ± {m['band']:.3f} ({path.name})")
+    return moved
+
+
 @flow(name="losa-regression", log_prints=True)
-def losa_regression(grid: str = "testbed", baseline: str | None = None, fresh: bool = True) -> dict:
+def losa_regression(grid: str = "testbed", baseline: str | None = None, fresh: bool = True, perf: bool = True) -> dict:
     """Run a grid from scratch and compare with its committed baseline; what moved fails the flow (and is tagged).
 
     ``fresh``: a new artifact store and new MLflow runs, so the check measures today's code, not yesterday's cache.
+    ``perf``: also measure the speed ratios (:mod:`flows.perf`) against their banded baseline; a ratio outside its
+    noise band is flagged (tag ``losa.regression.perf``, ``regression.json``), not failed: machine load moves speed.
     """
     from datetime import datetime, timezone
 
@@ -285,9 +311,11 @@ def losa_regression(grid: str = "testbed", baseline: str | None = None, fresh: b
             os.environ.pop("LOSA_FRESH_RUNS", None)
     frame, _ = grid_results(spec)
     moved = compare(frame, expected)
+    slower = check_perf(summary["parent_run_id"]) if perf else []
     client = tracking.setup().tracking.MlflowClient()
     client.set_tag(summary["parent_run_id"], "losa.regression", "failed" if moved else "passed")
-    client.log_dict(summary["parent_run_id"], {"moved": moved, "baseline": str(path)}, "regression.json")
+    client.log_dict(summary["parent_run_id"], {"moved": moved, "baseline": str(path), "perf_moved": slower,
+                                               "perf_baseline": str(PERF_BASELINE)}, "regression.json")
     if moved:
         import pandas as pd
 
@@ -296,4 +324,4 @@ def losa_regression(grid: str = "testbed", baseline: str | None = None, fresh: b
         raise RuntimeError(f"regression in grid {spec.name} against {path.name}:\n"
                            + results_markdown({"moved": pd.DataFrame(moved).astype(str)}))
     print(f"grid {spec.name}: {len(expected['cells'])} cells within tolerance of {path.name}")
-    return {"moved": moved, **summary}
+    return {"moved": moved, "perf_moved": slower, **summary}

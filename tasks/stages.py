@@ -117,8 +117,11 @@ def _store() -> ArtifactStore:
     return ArtifactStore()
 
 
-def stage_task(stage: str):
-    """A Prefect task for ``stage``: cache key from :func:`cache_key`, artifact store lookup before computing."""
+def stage_task(stage: str, log_prints: bool = True):
+    """A Prefect task for ``stage``: cache key from :func:`cache_key`, artifact store lookup before computing.
+
+    ``log_prints=False`` for stages whose libraries capture stdout themselves (dill, under datasets and lm-eval,
+    reads ``dis`` output through a swapped ``sys.stdout``; Prefect's print hook would log it instead)."""
 
     def wrap(fn: Callable[..., Ref]):
         @functools.wraps(fn)
@@ -133,7 +136,7 @@ def stage_task(stage: str):
 
         body.__signature__ = _without_private(fn)
         # cache policy and result storage depend on the state folder: bound per call by configured()
-        return task(name=stage, persist_result=True, log_prints=True,
+        return task(name=stage, persist_result=True, log_prints=log_prints,
                     task_run_name=f"{stage}" + "-{cell.config.method}")(body)
 
     return wrap
@@ -182,6 +185,11 @@ def _model(cell: CellSpec, state: Ref | None = None, merged_into: Ref | None = N
     store = _store()
     weights = store.tensors(merged_into)[0] if merged_into is not None else None
     return snapshot.restore(model, *store.tensors(state), cell.config, merged_weights=weights)
+
+
+def load_state(cell: CellSpec, state: Ref | None):
+    """(model, tokenizer) holding a stored state (None or the model Ref: the dense model)."""
+    return _model(cell, None if state is None else _snapshot(state)), _tokenizer(cell.model)
 
 
 def _ids(ref: Ref | None):
@@ -292,7 +300,7 @@ def perplexity(cell: CellSpec, state: Ref, _key: str = "", _store: ArtifactStore
     return _store.put("perplexity", _key, {"ppl": ppl}, seconds=clock)
 
 
-@stage_task("zeroshot")
+@stage_task("zeroshot", log_prints=False)
 def zeroshot(cell: CellSpec, state: Ref, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
     """Zero-shot accuracy of the state through lm-eval (method.md §6); info = task -> lm-eval's numbers."""
     clock = _clock()

@@ -6,13 +6,16 @@ from __future__ import annotations
 import re
 
 
-def _split(task: str):
+def _split(task: str, process=None):
     import datasets
 
     from losa import data
 
     _, split = data.ZEROSHOT_FILES[task]
-    return datasets.DatasetDict({split: datasets.Dataset.from_list(data.zeroshot_docs(task))})
+    docs = data.zeroshot_docs(task)
+    if process is not None:  # here rather than in a datasets.map: no function hashing, no cache files
+        docs = [process(d) for d in docs]
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(docs)})
 
 
 def boolq(**_):
@@ -24,7 +27,7 @@ def rte(**_):
 
 
 def hellaswag(**_):
-    return _split("hellaswag")
+    return _split("hellaswag", _hellaswag_doc)
 
 
 def winogrande(**_):
@@ -54,9 +57,8 @@ def _clean(text: str) -> str:
     return text.replace("  ", " ")
 
 
-def hellaswag_docs(dataset):
-    return dataset.map(lambda d: {"query": _clean(d["ctx"]), "choices": [_clean(e) for e in d["endings"]],
-                                  "gold": int(d["label"])})
+def _hellaswag_doc(d: dict) -> dict:
+    return {**d, "query": _clean(d["ctx"]), "choices": [_clean(e) for e in d["endings"]], "gold": int(d["label"])}
 
 
 # WinoGrande: lm-eval's partial scoring (lm_eval/tasks/winogrande/preprocess_winogrande.py): the choices are the

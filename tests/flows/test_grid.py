@@ -535,6 +535,40 @@ def test_optional_stages_run_cached_log_and_fill_table2(losa_env, tmp_path, monk
     assert len(store.computed()) == lines  # every stage, the optional ones too, came from the store
 
 
+def test_export_writes_a_loadable_folder_and_an_exact_sparse_form(first, tmp_path, capsys):
+    """``losa export``: the HF folder loads with from_pretrained and scores the cell's perplexity; the sparse form
+    restores it bit for bit, and its bytes are the non-zeros' plus one bit per weight (and row offsets)."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from flows.cli import main
+    from losa import export
+
+    cell = by_method(first.grid)["losa"]
+    assert main(["export", str(first.path), cell.id, "--out", str(tmp_path / "fp32"), "--dtype", "float32"]) == 0
+    printed = capsys.readouterr().out
+    logged = first.runs[first.runs["tags.losa.cell_id"] == cell.id]["metrics.ppl"].iloc[0]
+    exported, cell_ppl = (float(x) for x in printed.split("perplexity: exported folder ")[1].split(", cell "))
+    assert math.isclose(exported, logged, rel_tol=1e-4) and math.isclose(cell_ppl, logged, rel_tol=1e-4)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32" / "hf")
+    sparse, _ = export.load_sparse(tmp_path / "fp32" / "sparse")
+    assert all(torch.equal(v, hf.state_dict()[k]) for k, v in sparse.state_dict().items())
+
+    assert main(["export", str(first.path), cell.id, "--out", str(tmp_path / "fp16"), "--no-check"]) == 0
+    meta = json.loads((tmp_path / "fp16" / "sparse" / export.SPARSE_META).read_text())
+    assert meta["dtype"] == "float16" and meta["ratio_prunable"] <= 0.4  # 70% unstructured
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp16" / "hf")
+    names = export.prunable_weights(model)
+    nnz = sum(int((dict(model.named_parameters())[n] != 0).sum()) for n in names)
+    rows_cols = [dict(model.named_parameters())[n].shape for n in names]
+    expected = nnz * 2 + sum(r * math.ceil(c / 8) + r * 8 + 2 * 8 for r, c in rows_cols)
+    assert meta["nnz"] == nnz and meta["bytes_sparse_prunable"] == expected
+    with pytest.raises(SystemExit, match="no cell with id"):
+        main(["export", str(first.path), "0" * 12])
+
+
 def test_disk_formula_matches_what_a_losa_cell_writes(first):
     """flows.preflight.cell_disk (the resource guard's disk need) against the bytes the micro LoSA cell stored."""
     from flows.cell import cell_spec
