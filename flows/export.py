@@ -1,5 +1,5 @@
 """``losa export <grid> <cell>``: a finished cell's final model out of the artifact store, as a Hugging Face folder
-and as the compact sparse form (:mod:`losa.export`, method.md §7), with their sizes and a round-trip check."""
+and as the compact sparse form (:mod:`losa.export`, method.md §6), with their sizes and a round-trip check."""
 
 from __future__ import annotations
 

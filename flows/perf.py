@@ -1,4 +1,4 @@
-"""The speed ratios the nightly regression watches, and their noise band (method.md §7).
+"""The speed ratios the nightly regression watches, and their noise band (method.md §6).
 
 Three ratios, each of two things measured side by side in one process, so machine speed cancels out:
 

@@ -107,7 +107,7 @@ class ZeroShotConfig(BaseModel):
 
 
 class ExportConfig(BaseModel):
-    """The export stage (method.md §7): the final model's compact sparse form, in ``dtype``."""
+    """The export stage (method.md §6): the final model's compact sparse form, in ``dtype``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -115,7 +115,7 @@ class ExportConfig(BaseModel):
 
 
 class SpeedConfig(BaseModel):
-    """The speed stage (method.md §7): prefill of ``prefill`` tokens and ``decode`` single-token steps after it, the
+    """The speed stage (method.md §6): prefill of ``prefill`` tokens and ``decode`` single-token steps after it, the
     median of ``repeats`` runs, on each engine."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -187,7 +187,7 @@ class LosaConfig(BaseModel):
     eval_seqlen: int = Field(256, ge=2)
     eval_batch_size: int = Field(8, ge=1)
     eval_windows: int | None = Field(None, ge=1)
-    # optional stages on the final model (method.md §6–§7); None: not run
+    # optional stages on the final model (method.md §6); None: not run
     zeroshot: ZeroShotConfig | None = None
     export: ExportConfig | None = None
     speed: SpeedConfig | None = None

@@ -139,7 +139,7 @@ def drive(cfg: LosaConfig, stages: Stages) -> LosaReport:
             final = _one_shot(cfg, stages, dense, report)
         else:
             final = _dsa(cfg, stages, dense, report)
-        # the optional stages, on the model whose perplexity is report.ppl (method.md §6–§7)
+        # the optional stages, on the model whose perplexity is report.ppl (method.md §6)
         if cfg.zeroshot is not None:
             with _timed(times, "zeroshot"):
                 report.zeroshot = stages.zero_shot(final)

@@ -1,4 +1,4 @@
-"""Export of a finished model (method.md §7): a Hugging Face folder, and a compact sparse form that restores it exactly.
+"""Export of a finished model (method.md §6): a Hugging Face folder, and a compact sparse form that restores it exactly.
 
 The sparse form is compressed-tensors' ``sparse-bitmask`` layout in one safetensors file: every prunable linear's
 weight ``<module>.weight`` is stored as ``<module>.shape`` (int64), ``<module>.compressed`` (the non-zero values in

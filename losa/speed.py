@@ -1,4 +1,4 @@
-"""Inference speed of a model on several engines, measured side by side in one process (method.md §7).
+"""Inference speed of a model on several engines, measured side by side in one process (method.md §6).
 
 Two latencies per engine, batch 1: *prefill* (one forward over ``prefill`` prompt tokens, filling the KV cache) and
 *decode* (the mean time of one new token after it, over ``decode`` greedy steps with the cache). Each figure is the

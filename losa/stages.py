@@ -188,7 +188,7 @@ def zero_shot(model: nn.Module, tokenizer, cfg: LosaConfig, *, progress: bool = 
 
 
 def sparse_form(model: nn.Module, cfg: LosaConfig) -> tuple[dict[str, torch.Tensor], dict]:
-    """The final model's compact sparse form (:mod:`losa.export`, method.md §7) in ``cfg.export.dtype`` and its byte
+    """The final model's compact sparse form (:mod:`losa.export`, method.md §6) in ``cfg.export.dtype`` and its byte
     counts against the dense model in the same dtype."""
     from .export import DTYPES, describe, sparse_state_dict
 
@@ -198,7 +198,7 @@ def sparse_form(model: nn.Module, cfg: LosaConfig) -> tuple[dict[str, torch.Tens
 
 
 def speed(model: nn.Module, dense: nn.Module | None, cfg: LosaConfig, *, workdir=None) -> dict:
-    """Prefill and decode latency of the model and of its dense original per engine (:mod:`losa.speed`, §7)."""
+    """Prefill and decode latency of the model and of its dense original per engine (:mod:`losa.speed`, method.md §6)."""
     from .speed import measure
 
     s = cfg.speed
@@ -306,7 +306,7 @@ class Stages(Protocol):
     def merge(self, state) -> Any: ...  # DSA step 2: merge the adapter, keep it
     def finalize(self, state, patterns: list[str]) -> tuple[Any, Finalized]: ...  # merge and unload, verify
     def perplexity(self, state) -> float: ...
-    # optional stages on the final model (method.md §6–§7), run when the config asks for them
+    # optional stages on the final model (method.md §6), run when the config asks for them
     def zero_shot(self, state) -> dict: ...  # lm-eval accuracies per task, and their mean
     def export(self, state) -> dict: ...  # the sparse form's byte counts
     def speed(self, state, dense) -> dict: ...  # latencies per engine and speed-ups

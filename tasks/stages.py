@@ -311,7 +311,7 @@ def zeroshot(cell: CellSpec, state: Ref, _key: str = "", _store: ArtifactStore |
 
 @stage_task("export")
 def export(cell: CellSpec, state: Ref, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
-    """The state's compact sparse form (method.md §7; ``losa export`` writes it out as folders); info = its bytes."""
+    """The state's compact sparse form (method.md §6; ``losa export`` writes it out as folders); info = its bytes."""
     clock = _clock()
     tensors, sizes = stages.sparse_form(_model(cell, _snapshot(state)), cell.config)
     return _store.put("export", _key, sizes, tensors, seconds=clock)
@@ -319,7 +319,7 @@ def export(cell: CellSpec, state: Ref, _key: str = "", _store: ArtifactStore | N
 
 @stage_task("speed")
 def speed(cell: CellSpec, state: Ref, dense: Ref, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
-    """Prefill/decode latency of the state and of the dense model per engine (method.md §7); measured once."""
+    """Prefill/decode latency of the state and of the dense model per engine (method.md §6); measured once."""
     clock = _clock()
     result = stages.speed(_model(cell, _snapshot(state)), _model(cell), cell.config, workdir=state_dir())
     return _store.put("speed", _key, stages.jsonable(result), seconds=clock)
