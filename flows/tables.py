@@ -436,6 +436,10 @@ def _zeroshot_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
                         r = pd.to_numeric(g.get(f"speed.{e}.decode_speedup"), errors="coerce").dropna()
                         row[f"decode × ({e})"] = f"{r.mean():.2f}×" if len(r) else ""
                     body[name] = row
+                gain = _gain(groups)
+                if gain is not None:  # the paper's headline form: LoSA's mean accuracy over the pruned model's
+                    body["+LoSA − pruned (points)"] = {**{c: "" for c in next(iter(body.values()))},
+                                                       "Mean": f"{gain:+.1f}"}
                 columns = list(next(iter(body.values())))
                 table = pd.DataFrame([[body[r][c] for c in columns] for r in body],
                                      index=pd.Index(list(body), name="method"),
@@ -452,6 +456,15 @@ def _zeroshot_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 
 LABELS_ROW = {"pruned": "pruned", "lora": "+LoRA"}
+
+
+def _gain(groups: list[tuple[str, pd.DataFrame]]) -> float | None:
+    """Mean accuracy of +LoSA minus pruned, in points (None unless both have it; one LoSA row only)."""
+    means = {name: pd.to_numeric(g["zs.mean"], errors="coerce").dropna() if "zs.mean" in g else pd.Series(dtype=float)
+             for name, g in groups}
+    if len(means.get("+LoSA", [])) and len(means.get("pruned", [])):
+        return float(means["+LoSA"].mean() - means["pruned"].mean()) * 100
+    return None
 
 
 # ---------------------------------------------------------------- writers

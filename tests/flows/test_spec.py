@@ -112,14 +112,26 @@ def test_small_testbed_grids_stay_small(grids):
     assert {c.config.steps for c in grids["testbed-steps"].cells() if c.config.method == "losa"} == {1, 2, 3, 5, 8}
 
 
+def _method_id(cell: Cell) -> str:
+    """The id of a cell without its optional evaluation stages: what its pruning and fine-tuning depend on."""
+    return Cell(model=cell.model, config=cell.config.model_copy(update={"zeroshot": None, "export": None,
+                                                                       "speed": None})).id
+
+
 def test_zeroshot_grids_share_cells_with_the_perplexity_grids(grids):
-    for a, b in (("table1-ppl", "table2-zeroshot"), ("testbed-table1-ppl", "testbed-table2-zeroshot")):
-        assert [c.id for c in grids[a].cells()] == [c.id for c in grids[b].cells()]
+    pairs = (("table1-ppl", "table2-zeroshot"), ("testbed-table1-ppl", "testbed-table2-zeroshot"),
+             ("smollm2-table1-ppl", "smollm2-table2-zeroshot"))
+    for a, b in pairs:
+        ids = {_method_id(c) for c in grids[a].cells()}
+        assert {_method_id(c) for c in grids[b].cells()} <= ids  # the same cells (the SmolLM2 one: 50 and 70 %)
+        assert all(c.config.zeroshot is not None for c in grids[b].cells())  # ... scored zero-shot
         assert (grids[a].table, grids[b].table) == ("table1", "zeroshot")
+    assert [_method_id(c) for c in grids["table1-ppl"].cells()] == [_method_id(c) for c in
+                                                                    grids["table2-zeroshot"].cells()]
 
 
 def test_dense_cell_is_shared_by_every_testbed_grid(grids):
-    dense = {n: [c.id for c in g.cells() if c.config.method == "dense"] for n, g in grids.items()
+    dense = {n: [_method_id(c) for c in g.cells() if c.config.method == "dense"] for n, g in grids.items()
              if n.startswith("testbed") and n != "testbed-ablation"}
     assert all(len(v) == 1 for v in dense.values()) and len({v[0] for v in dense.values()}) == 1, dense
 

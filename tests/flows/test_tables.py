@@ -227,3 +227,30 @@ def test_a_failed_cell_reads_failed_never_blank_or_a_number():
                                   cells[1].id: {"status": "failed", "failure": "Diverged: training loss is nan"}})
     table = next(iter(build_tables("table1", frame).values()))
     assert table.loc["pruned", "70%"] == "99.00" and table.loc["+LoRA (merged)", "70%"] == "failed"
+
+
+def test_table2_layout_accuracies_with_stderr_mean_gain_size_and_speed():
+    """The paper's Table 2: per model, pruner and sparsity; methods x tasks, then the mean; lm-eval's stderr beside
+    each accuracy; two seeds as mean ± sd; LoSA's gain over pruned; size and speed columns when measured."""
+    def zs(acc: float, **extra):
+        return {"zs.boolq": acc, "zs.boolq.stderr": 0.02, "zs.arc_easy": acc / 2, "zs.arc_easy.stderr": 0.01,
+                "zs.mean": acc * 0.75, "zs.n": 50, **extra}
+
+    rows = [_cell("dense", **zs(0.80, **{"export.ratio": 1.0})),
+            _cell("pruned", "wanda", 0.7, **zs(0.60, **{"export.ratio": 0.5, "speed.csr.decode_speedup": 0.2})),
+            _cell("lora", "wanda", 0.7, **zs(0.62)),
+            _cell("losa", "wanda", 0.7, steps=5, **zs(0.70)),
+            _cell("losa", "wanda", 0.7, steps=5, seed=1, **zs(0.74)),
+            _cell("losa", "wanda", 0.5, steps=5, status="failed")]
+    tables = build_tables("zeroshot", pd.DataFrame(rows))
+    assert sorted(tables) == ["zeroshot__testbed__wanda__50", "zeroshot__testbed__wanda__70"]
+    t = tables["zeroshot__testbed__wanda__70"]
+    assert list(t.columns) == ["BoolQ", "ARC-e", "Mean", "size (× dense)", "decode × (csr)"]
+    assert list(t.index) == ["dense", "pruned", "+LoRA", "+LoSA", "+LoSA − pruned (points)"]
+    assert t.loc["pruned", "BoolQ"] == "60.0 ± 2.0" and t.loc["pruned", "ARC-e"] == "30.0 ± 1.0"
+    assert t.loc["+LoSA", "BoolQ"] == "72.0 ± 2.8 (n=2)"  # two seeds: mean ± sd
+    assert t.loc["pruned", "Mean"] == "45.0" and t.loc["+LoSA − pruned (points)", "Mean"] == "+9.0"
+    assert t.loc["pruned", "size (× dense)"] == "0.50×" and t.loc["pruned", "decode × (csr)"] == "0.20×"
+    assert t.loc["+LoRA", "size (× dense)"] == ""
+    assert "50 documents per task" in t.attrs["title"]
+    assert tables["zeroshot__testbed__wanda__50"].loc["+LoSA", "BoolQ"] == "failed"
