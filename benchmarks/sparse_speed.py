@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from flows.export import export_cell, final_model  # noqa: E402
 from flows.spec import load_grid  # noqa: E402
-from losa.speed import DEEPSPARSE_ENV, measure  # noqa: E402
+from losa.speed import DEEPSPARSE_ENV, DENSE_OF, measure  # noqa: E402
 from tasks.state import state_dir  # noqa: E402
 
 
@@ -69,7 +69,7 @@ def main() -> None:
     _, sparse, _ = final_model(grid, cell.id)
     _, dense, _ = final_model(grid, dense_cell.id)
     r = measure(sparse, dense, prefill=args.prefill, decode=args.decode, repeats=args.repeats,
-                engines=("torch", "csr", "onnxruntime", "deepsparse"))
+                engines=("torch", "csr", "onnxruntime", "deepsparse", "cuda", "cuda_2:4"))
 
     lines = [f"# Size and speed: {cell.run_name} vs dense", "",
              f"Cell {cell.id} of grid `{grid.name}`; regenerate with `{' '.join(['python', *sys.argv])}`.", "",
@@ -86,12 +86,12 @@ def main() -> None:
              "| engine | dense prefill ms | sparse prefill ms | dense decode ms | sparse decode ms | prefill × | decode × "
              "| decode × vs dense torch | max abs logit diff |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e, s in r["engines"].items():
-        d = r["dense"].get("torch" if e == "csr" else e, {})
+        d = r["dense"].get(DENSE_OF.get(e, e), {})
         if not s.get("available"):
             lines.append(f"| {e} | not available: {s.get('reason')} ||||||||")
             continue
         sp, vs = r["speedup"].get(e, {}), r["speedup_vs_torch"].get(e, {})
-        lines.append(f"| {e} | {d.get('prefill_ms', float('nan')):.1f}{' (torch)' if e == 'csr' else ''} | "
+        lines.append(f"| {e} | {d.get('prefill_ms', float('nan')):.1f}{f' ({DENSE_OF[e]})' if e in DENSE_OF else ''} | "
                      f"{s['prefill_ms']:.1f} | {d.get('decode_ms', float('nan')):.2f} | {s['decode_ms']:.2f} | "
                      f"{sp.get('prefill', float('nan')):.2f} | {sp.get('decode', float('nan')):.2f} | "
                      f"{vs.get('decode', float('nan')):.2f} | {s['max_abs_diff']:.1e} |")

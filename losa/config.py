@@ -90,7 +90,7 @@ class FinetuneConfig(BaseModel):
 ZeroShotTask = Literal["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa"]
 ZEROSHOT_TASKS: tuple[str, ...] = get_args(ZeroShotTask)
 PAPER_TASKS: tuple[str, ...] = ZEROSHOT_TASKS[:7]  # the paper's Table 2 (Wanda's protocol); PIQA is extra
-Engine = Literal["torch", "csr", "onnxruntime", "deepsparse"]
+Engine = Literal["torch", "csr", "onnxruntime", "deepsparse", "cuda", "cuda_2:4"]
 ENGINES: tuple[str, ...] = get_args(Engine)
 EVALUATIONS = ("zeroshot", "export", "speed")  # optional stages after the final model: unset, not in a cell's identity
 

@@ -11,6 +11,9 @@ Engines:
 - ``csr``: every prunable linear's weight as a ``torch.sparse_csr`` tensor (``torch.sparse.mm``);
 - ``onnxruntime``: the model exported to ONNX (two graphs: prefill, and one decode step with the cache as inputs)
   and run by ONNX Runtime's CPU provider;
+- ``cuda`` / ``cuda_2:4``: on a GPU, the model in fp16 with dense kernels / with every 2:4 prunable linear as a
+  ``torch.sparse`` semi-structured tensor (``to_sparse_semi_structured``: NVIDIA's 2:4 sparse tensor cores, Ampere
+  or newer); without a GPU they report not available. Not yet run on a GPU by the project;
 - ``deepsparse``: the same ONNX graphs run by Neural Magic's DeepSparse engine, which exploits unstructured
   sparsity; it needs its own Python environment (onnx < 1.15, numpy 1.x), named by ``$LOSA_DEEPSPARSE_PYTHON``,
   and is called as a subprocess (``losa/deepsparse_runner.py``). Missing: reported as not available.
@@ -37,6 +40,8 @@ from torch import nn
 from .models import get_adapter
 
 DEEPSPARSE_ENV = "LOSA_DEEPSPARSE_PYTHON"
+ENGINES = ("torch", "csr", "onnxruntime", "deepsparse", "cuda", "cuda_2:4")
+DENSE_OF = {"csr": "torch", "cuda_2:4": "cuda"}  # a sparse-only engine and the dense one it is compared with
 
 
 # --------------------------------------------------------------------------------------------- timing
@@ -76,6 +81,22 @@ class CSRLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+def semi_structured_model(model: nn.Module) -> nn.Module:
+    """A CUDA fp16 copy of ``model`` whose 2:4 prunable linears hold semi-structured sparse weights."""
+    from torch.sparse import to_sparse_semi_structured
+
+    out = copy.deepcopy(model).half().cuda()
+    converted = 0
+    for _, _, lin in get_adapter(out).iter_linears(out):
+        w = lin.weight.detach()
+        if bool(((w != 0).reshape(-1, 4).sum(-1) <= 2).all()):
+            lin.weight = nn.Parameter(to_sparse_semi_structured(w), requires_grad=False)
+            converted += 1
+    if not converted:
+        raise ValueError("no prunable linear is 2:4 sparse: semi-structured kernels need a 2:4 model")
+    return out
+
+
 def csr_model(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every prunable linear as a :class:`CSRLinear`."""
     import warnings
@@ -107,8 +128,14 @@ def _torch_runner(model: nn.Module, prompt: torch.Tensor, decode: int):
     model.eval()
     kw = _cache_arg(model)
 
+    device = next(model.parameters()).device
+    prompt = prompt.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # time the kernels, not launches
+
     def prefill():
-        return model(input_ids=prompt, use_cache=True)
+        out = model(input_ids=prompt, use_cache=True)
+        sync()
+        return out
 
     first = prefill()
 
@@ -118,8 +145,9 @@ def _torch_runner(model: nn.Module, prompt: torch.Tensor, decode: int):
         for _ in range(decode):
             out = model(input_ids=tok, use_cache=True, **{kw: past})
             past, tok = _cache_of(out), out.logits[:, -1:].argmax(-1)
+        sync()
 
-    return prefill, steps, first.logits[0, -1].float()
+    return prefill, steps, first.logits[0, -1].float().cpu()
 
 
 # --------------------------------------------------------------------------------------------- ONNX
@@ -238,7 +266,7 @@ def measure(model: nn.Module, dense: nn.Module | None = None, *, prefill: int = 
     """
     if prefill < 1 or decode < 1 or repeats < 1:
         raise ValueError(f"need prefill, decode, repeats >= 1, got {prefill}, {decode}, {repeats}")
-    if unknown := sorted(set(engines) - {"torch", "csr", "onnxruntime", "deepsparse"}):
+    if unknown := sorted(set(engines) - set(ENGINES)):
         raise ValueError(f"unknown engine(s) {unknown}")
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and prefill + decode + 1 > limit:
@@ -253,14 +281,14 @@ def measure(model: nn.Module, dense: nn.Module | None = None, *, prefill: int = 
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
             out["engines"] = _run(model, engines, prompt, decode, repeats, threads, Path(tmp) / "model")
             if dense is not None:
-                out["dense"] = _run(dense, [e for e in engines if e != "csr"], prompt, decode, repeats, threads,
-                                    Path(tmp) / "dense")
+                out["dense"] = _run(dense, [e for e in engines if e not in DENSE_OF], prompt, decode, repeats,
+                                    threads, Path(tmp) / "dense")
     finally:
         torch.set_num_threads(old_threads)
     base = out.get("dense", out["engines"])
     ok = {e: r for e, r in out["engines"].items() if r.get("available")}
-    out["speedup"] = {e: _ratio(base.get("torch" if e == "csr" else e), r) for e, r in ok.items()
-                      if base.get("torch" if e == "csr" else e, {}).get("available")}
+    out["speedup"] = {e: _ratio(base[DENSE_OF.get(e, e)], r) for e, r in ok.items()
+                      if base.get(DENSE_OF.get(e, e), {}).get("available")}
     out["speedup_vs_torch"] = {e: _ratio(base["torch"], r) for e, r in ok.items()}
     return out
 
@@ -283,8 +311,20 @@ def _run(model: nn.Module, engines: list[str], prompt: torch.Tensor, decode: int
             if "logits" in results[engine]:
                 results[engine]["max_abs_diff"] = float((torch.tensor(results[engine].pop("logits")) - ref).abs().max())
             continue
+        if engine.startswith("cuda") and not torch.cuda.is_available():
+            results[engine] = {"available": False, "reason": "needs a CUDA device"}
+            continue
         if engine == "onnxruntime":
             pre, steps, logits = _ort_runner(paths, prompt, decode, threads)
+        elif engine == "cuda":
+            pre, steps, logits = _torch_runner(copy.deepcopy(model).half().cuda(), prompt, decode)
+        elif engine == "cuda_2:4":
+            try:
+                m = semi_structured_model(model)
+            except (ValueError, RuntimeError) as err:  # not 2:4, or a GPU without sparse tensor cores
+                results[engine] = {"available": False, "reason": str(err)}
+                continue
+            pre, steps, logits = _torch_runner(m, prompt, decode)
         else:
             pre, steps, logits = _torch_runner(model if engine == "torch" else csr_model(model), prompt, decode)
         ref = logits if ref is None else ref

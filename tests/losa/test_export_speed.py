@@ -61,13 +61,15 @@ def test_speed_reports_finite_figures_and_agreeing_logits(monkeypatch):
     dense = tiny_llama()
     sparse = _sparse(tiny_llama())
     r = measure(sparse, dense, prefill=8, decode=2, repeats=1,
-                engines=("torch", "csr", "onnxruntime", "deepsparse"))
+                engines=("torch", "csr", "onnxruntime", "deepsparse", "cuda", "cuda_2:4"))
     for engine in ("torch", "csr", "onnxruntime"):
         e = r["engines"][engine]
         assert e["available"] and e["prefill_ms"] > 0 and math.isfinite(e["decode_ms"]) and e["decode_ms"] >= 0
         assert e["max_abs_diff"] < 1e-3  # the same model, whatever runs it
     assert r["engines"]["deepsparse"] == {"available": False, "reason": r["engines"]["deepsparse"]["reason"]}
-    assert "csr" not in r["dense"] and set(r["dense"]) == {"torch", "onnxruntime", "deepsparse"}
+    assert "csr" not in r["dense"] and set(r["dense"]) == {"torch", "onnxruntime", "deepsparse", "cuda"}
+    if not torch.cuda.is_available():
+        assert r["engines"]["cuda_2:4"] == {"available": False, "reason": "needs a CUDA device"}
     assert all(math.isfinite(v) and v > 0 for s in r["speedup"].values() for v in s.values())
     assert set(r["speedup"]) == {"torch", "csr", "onnxruntime"}
     with pytest.raises(ValueError, match="context"):
