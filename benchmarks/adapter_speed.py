@@ -11,24 +11,16 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from losa import data, load_model, prune_model
 from losa.adapter import make_masked_lora
+from flows.perf import step_seconds
 from losa.models import get_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def step_seconds(model, opt, batch) -> float:
-    t = time.perf_counter()
-    model(input_ids=batch, labels=batch).loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - t
 
 
 def main() -> None:

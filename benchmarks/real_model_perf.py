@@ -24,32 +24,17 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from flows.perf import block_pass_seconds
+from flows.perf import step_seconds as _step
 from losa import data, load_model, prune_model
-from losa.models import capture_first_block_inputs, embeddings_on, get_adapter, run_block
-from adapter_speed import step_seconds as _step  # noqa: E402 - the script's folder is on sys.path
-from prune_speed import reset_peak, rss_mib  # noqa: E402
+from losa.models import get_adapter
+from prune_speed import reset_peak, rss_mib  # noqa: E402 - the script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@torch.no_grad()
-def block_pass_seconds(model, calib: torch.Tensor, batch_size: int) -> float:
-    """One pass of every decoder block over the calibration set, batch by batch (no hooks, no lm_head)."""
-    blocks = get_adapter(model).get_blocks(model)
-    dev = next(model.parameters()).device
-    with embeddings_on(model, dev):
-        inputs = [capture_first_block_inputs(model, calib[s : s + batch_size], dev)
-                  for s in range(0, calib.shape[0], batch_size)]
-    t = time.perf_counter()
-    for hidden, kwargs in inputs:
-        for block in blocks:
-            hidden = run_block(block, hidden, kwargs)
-    return time.perf_counter() - t
 
 
 def measure_prune(args) -> dict:

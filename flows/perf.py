@@ -27,7 +27,9 @@ MIN_BAND = 0.05  # relative: a band narrower than this would flag ordinary machi
 
 
 @torch.no_grad()
-def _block_pass_seconds(model, calib: torch.Tensor, batch_size: int) -> float:
+def block_pass_seconds(model, calib: torch.Tensor, batch_size: int) -> float:
+    """One pass of every decoder block over the calibration set, batch by batch (no hooks, no lm_head): a layer-wise
+    pruner's floor is two of them (statistics, then propagation)."""
     from losa.models import capture_first_block_inputs, embeddings_on, get_adapter, run_block
 
     blocks = get_adapter(model).get_blocks(model)
@@ -42,7 +44,8 @@ def _block_pass_seconds(model, calib: torch.Tensor, batch_size: int) -> float:
     return time.perf_counter() - start
 
 
-def _step(model, opt, batch) -> float:
+def step_seconds(model, opt, batch) -> float:
+    """Wall time of one optimiser step (forward with labels, backward, step, zero_grad)."""
     start = time.perf_counter()
     model(input_ids=batch, labels=batch).loss.backward()
     opt.step()
@@ -61,8 +64,8 @@ def once(model_name: str = "testbed", nsamples: int = 16, seqlen: int = 128, bat
     model, tok = load_model(model_name)
     dense = copy.deepcopy(model)
     calib = data.calibration_windows(tok, nsamples, seqlen, seed=0)
-    _block_pass_seconds(model, calib[:batch_size], batch_size)  # warm-up
-    floor = 2 * min(_block_pass_seconds(model, calib, batch_size) for _ in range(2))
+    block_pass_seconds(model, calib[:batch_size], batch_size)  # warm-up
+    floor = 2 * min(block_pass_seconds(model, calib, batch_size) for _ in range(2))
     report = prune_model(model, calib, "wanda", 0.7, batch_size=batch_size, reconstruction_error=False,
                          progress=False)
     out = {"prune_over_floor": report.timings["total"] / floor}
@@ -81,7 +84,7 @@ def once(model_name: str = "testbed", nsamples: int = 16, seqlen: int = 128, bat
     for step in range(train_steps + 1):
         batch = data.lm_batch(stream, seqlen, 4, 0, step)
         for k in (models if step % 2 else reversed(list(models))):  # interleaved: noise hits both alike
-            t = _step(models[k], opts[k], batch)
+            t = step_seconds(models[k], opts[k], batch)
             if step:  # the first step warms up
                 times[k].append(t)
     out["masked_step_over_full"] = statistics.median(times["masked"]) / statistics.median(times["full"])
