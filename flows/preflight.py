@@ -84,22 +84,31 @@ def cell_memory(shape: Shape, cfg: LosaConfig) -> dict[str, int]:
 
 
 def cell_disk(shape: Shape, cfg: LosaConfig) -> int:
-    """Bytes a cell writes to the artifact store before retention (losa/snapshot.py's layout): a snapshot holds the
-    prunable linears' weights (L bytes); a masked-LoRA snapshot adds its bool masks (L / 4 for fp32) and A/B.
-    LoSA writes T prunes, T − 1 merges, one final merge (2T snapshots of L) and T fine-tuned states (1.25 L each,
-    plus the adapter), and the dense outputs; + LoRA a prune, the trained state and the merge; pruned one prune."""
-    linear = shape.linear_params * shape.dtype_bytes
-    mask = shape.linear_params  # one byte per weight
+    """Bytes a cell writes to the artifact store before retention (losa/snapshot.py's layout in the store's compact
+    form, tasks/store.py): a snapshot holds the prunable linears' weights, at sparsity s as their non-zeros plus one
+    bit per weight and 8 bytes per row, S(s) = min(L, P((1 − s) b + 1/8) + 8 R) for P weights of b bytes in R rows
+    (L = P b); a masked-LoRA snapshot adds its masks (P/8) and A/B. LoSA writes T prunes (at Θ^t of the cubic
+    schedule), T − 1 merges and one final merge (each at the sparsity of the prune before it) and T fine-tuned states,
+    and the dense outputs; + LoRA a prune, the trained state and its (dense) merge; pruned one prune."""
+    from losa.schedule import cubic_sparsity
+
+    b, p = shape.dtype_bytes, shape.linear_params
+    rows = shape.layers * (3 * shape.hidden + shape.attn_out_in + 3 * shape.intermediate)  # q,k,v-ish, o, MLP
+
+    def snap(sparsity: float) -> float:
+        return min(p * b, p * ((1 - sparsity) * b + 1 / 8) + 8 * rows)
+
     adapter = shape.layers * 7 * cfg.physical_rank * (shape.hidden + shape.intermediate) * 4  # A and B, every linear
     if cfg.method == "dense":
         return 0
     if cfg.method == "pruned":
-        return linear
+        return int(snap(cfg.sparsity))
     if cfg.method == "lora":
-        return 3 * linear + adapter
+        return int(2 * snap(cfg.sparsity) + adapter + p * b)
     steps = cfg.effective_steps
+    thetas = [cubic_sparsity(cfg.sparsity, t, steps) for t in range(1, steps + 1)]
     outputs = shape.layers * cfg.nsamples * cfg.seqlen * shape.hidden * 4
-    return 2 * steps * linear + steps * (linear + mask + adapter) + outputs
+    return int(sum(2 * snap(th) + snap(th) + p / 8 + adapter for th in thetas) + outputs)
 
 
 def _model_problems(name: str, path: str | None, err: Exception | None) -> list[str]:

@@ -23,14 +23,18 @@ from .models import get_adapter
 SPARSE_FILE = "model.sparse.safetensors"
 SPARSE_META = "losa_sparse.json"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-width views for exact zero tests
 
 
-def bitmask_compress(weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One 2-D weight in the sparse-bitmask layout: shape, compressed values, packed bitmask, row offsets."""
+def bitmask_compress(weight: torch.Tensor, exact: bool = False) -> dict[str, torch.Tensor]:
+    """One 2-D weight in the sparse-bitmask layout: shape, compressed values, packed bitmask, row offsets.
+
+    ``exact``: keep every entry whose bits are not all zero (so −0.0 survives: a bit-for-bit round trip, as the
+    artifact store needs); default: the non-zeros, as compressed-tensors does."""
     if weight.dim() != 2:
         raise ValueError(f"bitmask compression needs a 2-D weight, got shape {tuple(weight.shape)}")
     w = weight.detach().cpu().contiguous()
-    keep = w != 0
+    keep = w.view(_INT[w.element_size()]) != 0 if exact else w != 0
     counts = keep.sum(dim=1)
     return {"shape": torch.tensor(list(w.shape), dtype=torch.int64), "compressed": w[keep],
             "bitmask": torch.from_numpy(np.packbits(keep.numpy(), axis=-1, bitorder="little")),

@@ -166,7 +166,9 @@ class ArtifactStore:
         info = json.loads(json.dumps(dict(info)))  # JSON types only (tuples -> lists), as a reader will see them
         size = 0
         if tensors is not None:
-            payload = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, dict(metadata or {}))
+            packed, encoded = encode({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+            meta = dict(metadata or {}) | ({ENCODED: json.dumps(encoded, sort_keys=True)} if encoded else {})
+            payload = st_save(packed, meta)
             sha, size = hashlib.sha256(payload).hexdigest(), len(payload)
             self._write(f"{self._dir(key)}/tensors.safetensors", payload)
         else:
@@ -195,7 +197,8 @@ class ArtifactStore:
             self.remove(ref.key, "content hash mismatch on read")
             raise CorruptArtifact(f"artifact {ref.stage} {ref.key[:12]} was corrupt (content hash mismatch): removed; "
                                   "rerunning the cell rebuilds it")
-        return st_load(payload), _metadata(payload)  # load() drops the metadata
+        meta = _metadata(payload)  # load() drops the metadata
+        return decode(st_load(payload), json.loads(meta.pop(ENCODED, "{}"))), meta
 
     def computed(self) -> list[dict]:
         """Every stage computation logged in this store (one line per artifact written)."""
@@ -204,6 +207,58 @@ class ArtifactStore:
             return []
         with self.fs.open(path, "rb") as f:
             return [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------- the stored form
+
+ENCODED = "losa.encoded"  # safetensors metadata: which tensors are stored compactly, and how
+_PARTS = ("shape", "compressed", "bitmask", "row_offsets")
+
+
+def encode(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The compact stored form: a 2-D float tensor whose exact zeros make it smaller is kept as its non-zero values
+    (in its own dtype) plus a bitmask (``bitmask``: the sparse-bitmask layout of :mod:`losa.export`, bit-exact); a
+    2-D bool tensor (a mask) as packed bits (``bits``). Everything else as it is. Returns the tensors and
+    {name: how}. :func:`decode` restores the original tensors bit for bit."""
+    import numpy as np
+
+    from losa.export import bitmask_compress
+
+    out: dict[str, torch.Tensor] = {}
+    how: dict[str, str] = {}
+    for name, t in tensors.items():
+        if t.dim() == 2 and t.dtype == torch.bool and t.numel() >= 64:
+            out[f"{name}.bits"] = torch.from_numpy(np.packbits(t.numpy(), axis=-1, bitorder="little"))
+            out[f"{name}.shape"] = torch.tensor(list(t.shape), dtype=torch.int64)
+            how[name] = "bits"
+        elif t.dim() == 2 and t.is_floating_point() and t.numel() >= 64:
+            parts = bitmask_compress(t, exact=True)
+            if sum(p.numel() * p.element_size() for p in parts.values()) < 0.9 * t.numel() * t.element_size():
+                out.update({f"{name}.{k}": v for k, v in parts.items()})
+                how[name] = "bitmask"
+                continue
+            out[name] = t
+        else:
+            out[name] = t
+    return out, how
+
+
+def decode(stored: Mapping[str, torch.Tensor], how: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`encode`."""
+    import numpy as np
+
+    from losa.export import bitmask_decompress
+
+    parts = {f"{n}.{p}" for n, kind in how.items() for p in (("bits", "shape") if kind == "bits" else _PARTS)}
+    out = {k: v for k, v in stored.items() if k not in parts}
+    for name, kind in how.items():
+        rows, cols = (int(x) for x in stored[f"{name}.shape"])
+        if kind == "bits":
+            bits = np.unpackbits(stored[f"{name}.bits"].numpy(), axis=-1, count=cols, bitorder="little")
+            out[name] = torch.from_numpy(bits.astype(bool))
+        else:
+            out[name] = bitmask_decompress({k: stored[f"{name}.{k}"] for k in _PARTS})
+    return out
 
 
 def _manifest_problem(manifest: dict) -> str | None:

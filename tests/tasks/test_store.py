@@ -70,3 +70,30 @@ def test_stage_key_reads_input_content_not_location():
     assert key != stage_key("merge", "0.1.0/2", {"a": 1}, {"state": one})
     assert key != stage_key("merge", "0.1.0/1", {"a": 2}, {"state": one})
     assert key != stage_key("finalize", "0.1.0/1", {"a": 1}, {"state": one})
+
+
+def test_sparse_tensors_are_stored_compactly_and_restored_bit_for_bit(tmp_path):
+    """The stored form (tasks.store.encode): a sparse 2-D weight as values + bitmask, a bool mask as bits; reads
+    give back the exact tensors (−0.0 included), and the file shrinks with the sparsity."""
+    import torch
+
+    from tasks.store import ArtifactStore
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(128, 96, generator=gen)
+    w[torch.rand(w.shape, generator=gen) < 0.7] = 0.0
+    w[0, :3] = -0.0  # a pruned negative weight multiplied by 0 keeps its sign bit
+    tensors = {"w.0.q_proj": w, "w.0.half": w.half(), "m.0.q_proj": w != 0, "dense": torch.randn(64, 64),
+               "ids": torch.arange(100).reshape(10, 10), "ranks": torch.tensor([1, 2])}
+    ref = store.put("prune", "k" * 64, {}, tensors, {"adapter": "none"})
+    got, meta = store.tensors(ref)
+    assert meta == {"adapter": "none"} and set(got) == set(tensors)
+    for k, t in tensors.items():
+        assert got[k].dtype == t.dtype and got[k].shape == t.shape
+        same = torch.equal(got[k].view(torch.uint8), t.view(torch.uint8)) if t.is_floating_point() else \
+            torch.equal(got[k], t)
+        assert same, k
+    assert torch.signbit(got["w.0.q_proj"][0, :3]).all()
+    dense_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert store.size(ref.key) < 0.6 * dense_bytes
