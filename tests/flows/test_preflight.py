@@ -78,3 +78,20 @@ def test_a_grid_name_cannot_point_outside_the_state_folder(tmp_path):
     path.write_text(yaml.safe_dump({"name": "..", "models": ["testbed"], "axes": {"method": ["dense"]}}))
     with pytest.raises(GridSpecError, match="name"):
         load_grid(path)
+
+
+def test_optional_stage_settings_are_checked_before_compute(tmp_path, monkeypatch):
+    """speed: prefill + decode within the context; zeroshot: hub tasks refused offline; unknown task: by the schema."""
+    state = tmp_path / "state"
+    monkeypatch.setenv("LOSA_HOME", str(state))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fixed = {"nsamples": 8, "seqlen": 64, "rmi_samples": 8, "eval_seqlen": 128, "steps": 2,
+             "speed": {"prefill": 4000}, "zeroshot": {"source": "hub"}}
+    with pytest.raises(SystemExit) as exit_:
+        main(["grid", str(_grid(tmp_path, fixed=fixed))])
+    text = str(exit_.value)
+    assert "speed.prefill + speed.decode = 4016 exceeds the model's context (2048 tokens)" in text
+    assert "zeroshot.source = hub needs the Hugging Face hub" in text
+    assert not state.exists()
+    with pytest.raises(SystemExit, match=r"zeroshot.tasks.*mmlu|mmlu.*zeroshot"):
+        main(["grid", str(_grid(tmp_path, fixed={**fixed, "zeroshot": {"tasks": ["boolq", "mmlu"]}}))])
