@@ -43,7 +43,7 @@ def test_keys_are_pinned(stage):
 
 def test_every_task_has_its_fields_and_its_name():
     tasks = [T.calibration, T.train_tokens, T.dense_outputs, T.importance, T.prune, T.finetune, T.lora, T.merge,
-             T.finalize, T.perplexity]
+             T.finalize, T.perplexity, T.zeroshot, T.export, T.speed]
     assert sorted(t.name for t in tasks) == sorted(FIELDS)
     assert all(set(fields) <= set(LosaConfig.model_fields) for fields in FIELDS.values())
 
@@ -67,6 +67,34 @@ def test_a_key_moves_with_the_model_the_store_and_the_inputs_content(monkeypatch
     assert cache_key("perplexity", {"cell": CELL, "state": PRUNED.model_copy(update={"key": "elsewhere"})}) == key
     monkeypatch.setenv("LOSA_ARTIFACTS", "/another/store")
     assert cache_key("perplexity", {"cell": CELL, "state": PRUNED}) != key
+
+
+def test_the_zeroshot_key_reads_the_task_data_the_task_files_and_lm_evals_version(monkeypatch):
+    """What the zero-shot stage reads beyond its settings enters its key: the shipped files' content hashes, the
+    task definitions (losa/zeroshot_tasks) and the lm-eval version; the other stages' keys do not move."""
+    from losa import data
+    from losa.config import ZeroShotConfig
+
+    cell = CELL.model_copy(update={"config": CELL.config.model_copy(update={"zeroshot": ZeroShotConfig(limit=5)})})
+    key = cache_key("zeroshot", {"cell": cell, "state": PRUNED})
+    assert cache_key("perplexity", {"cell": cell, "state": PRUNED}) == cache_key("perplexity",
+                                                                                 {"cell": CELL, "state": PRUNED})
+    files = data.zeroshot_sha256(cell.config.zeroshot.tasks)
+    assert set(files) == {f for t in cell.config.zeroshot.tasks for f in data.ZEROSHOT_FILES[t][0]}
+    monkeypatch.setattr(data, "zeroshot_sha256", lambda tasks: {**files, "boolq/dev.jsonl": "0" * 64})
+    assert cache_key("zeroshot", {"cell": cell, "state": PRUNED}) != key
+    monkeypatch.undo()
+    monkeypatch.setenv("LOSA_ARTIFACTS", "/nonexistent/store")
+    monkeypatch.setattr(T, "_version", lambda package: "0.0.0")
+    assert cache_key("zeroshot", {"cell": cell, "state": PRUNED}) != key
+    monkeypatch.undo()
+    monkeypatch.setenv("LOSA_ARTIFACTS", "/nonexistent/store")
+    monkeypatch.setattr(T, "_task_files_hash", lambda: "changed")
+    assert cache_key("zeroshot", {"cell": cell, "state": PRUNED}) != key
+    limit = cell.model_copy(update={"config": cell.config.model_copy(update={"zeroshot": ZeroShotConfig(limit=6)})})
+    monkeypatch.undo()
+    monkeypatch.setenv("LOSA_ARTIFACTS", "/nonexistent/store")
+    assert cache_key("zeroshot", {"cell": limit, "state": PRUNED}) != key
 
 
 def test_a_stage_is_computed_once_then_read_from_the_store(tmp_path, monkeypatch):
