@@ -167,7 +167,9 @@ class ArtifactStore:
         size = 0
         if tensors is not None:
             packed, encoded = encode({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-            meta = dict(metadata or {}) | ({ENCODED: json.dumps(encoded, sort_keys=True)} if encoded else {})
+            meta = dict(metadata or {})
+            if encoded:  # one metadata key: safetensors writes several in a per-process random order (not bit-stable)
+                meta = {ENCODED: json.dumps({"metadata": meta, "encoded": encoded}, sort_keys=True)}
             payload = st_save(packed, meta)
             sha, size = hashlib.sha256(payload).hexdigest(), len(payload)
             self._write(f"{self._dir(key)}/tensors.safetensors", payload)
@@ -198,7 +200,10 @@ class ArtifactStore:
             raise CorruptArtifact(f"artifact {ref.stage} {ref.key[:12]} was corrupt (content hash mismatch): removed; "
                                   "rerunning the cell rebuilds it")
         meta = _metadata(payload)  # load() drops the metadata
-        return decode(st_load(payload), json.loads(meta.pop(ENCODED, "{}"))), meta
+        if ENCODED not in meta:
+            return st_load(payload), meta
+        packed = json.loads(meta[ENCODED])
+        return decode(st_load(payload), packed["encoded"]), packed["metadata"]
 
     def computed(self) -> list[dict]:
         """Every stage computation logged in this store (one line per artifact written)."""
@@ -211,7 +216,7 @@ class ArtifactStore:
 
 # --------------------------------------------------------------------------------------------- the stored form
 
-ENCODED = "losa.encoded"  # safetensors metadata: which tensors are stored compactly, and how
+ENCODED = "losa.encoded"  # safetensors metadata: {"metadata": the caller's, "encoded": {tensor: how}}
 _PARTS = ("shape", "compressed", "bitmask", "row_offsets")
 
 

@@ -97,3 +97,19 @@ def test_sparse_tensors_are_stored_compactly_and_restored_bit_for_bit(tmp_path):
     assert torch.signbit(got["w.0.q_proj"][0, :3]).all()
     dense_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     assert store.size(ref.key) < 0.6 * dense_bytes
+
+
+def test_the_compact_form_is_byte_identical_across_processes(tmp_path):
+    """An artifact's bytes are a function of its tensors and metadata alone (its sha256 is its identity):
+    the same put in two fresh processes writes the same file (safetensors orders several metadata keys at random
+    per process, so the store writes one)."""
+    import subprocess
+    import sys
+
+    code = ("import torch, sys; from tasks.store import ArtifactStore; g = torch.Generator().manual_seed(0); "
+            "w = torch.randn(64, 64, generator=g); w[w.abs() < 1] = 0; "
+            "r = ArtifactStore(sys.argv[1]).put('prune', 'k' * 64, {}, {'w.0.q': w, 'm.0.q': w != 0}, "
+            "{'adapter': 'masked', 'other': 'x'}); print(r.sha256)")
+    shas = {subprocess.run([sys.executable, "-c", code, str(tmp_path / f"s{i}")], capture_output=True, text=True,
+                           check=True).stdout.strip() for i in range(3)}
+    assert len(shas) == 1, shas
