@@ -172,6 +172,16 @@ class _Graph(nn.Module):
         return (out.logits[:, -1:], *present)
 
 
+def _eager(model: nn.Module) -> nn.Module:
+    """The model with eager attention: the TorchScript ONNX exporter cannot convert SDPA with grouped-query
+    attention (``enable_gqa``), and eager attention computes the same function."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    else:
+        model.config._attn_implementation = "eager"
+    return model
+
+
 def kv_shape(model: nn.Module, length: int) -> tuple[int, int, int, int]:
     cfg = model.config
     heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -187,7 +197,7 @@ def export_onnx(model: nn.Module, folder: str | Path, prefill: int) -> dict[str,
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    graph = _Graph(copy.deepcopy(model).float().eval())
+    graph = _Graph(_eager(copy.deepcopy(model).float().eval()))
     n = graph.layers
     names = [f"past.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]

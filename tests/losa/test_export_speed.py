@@ -55,11 +55,11 @@ def test_sparse_form_restores_the_model_exactly(tmp_path):
 
 
 def test_speed_reports_finite_figures_and_agreeing_logits(monkeypatch):
-    from tiny_models import tiny_llama
+    from tiny_models import tiny_llama_gqa
 
     monkeypatch.delenv("LOSA_DEEPSPARSE_PYTHON", raising=False)
-    dense = tiny_llama()
-    sparse = _sparse(tiny_llama())
+    dense = tiny_llama_gqa()  # grouped-query attention, as SmolLM2 and LLaMA-3 (exported with eager attention)
+    sparse = _sparse(tiny_llama_gqa())
     r = measure(sparse, dense, prefill=8, decode=2, repeats=1,
                 engines=("torch", "csr", "onnxruntime", "deepsparse", "cuda", "cuda_2:4"))
     for engine in ("torch", "csr", "onnxruntime"):
