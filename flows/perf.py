@@ -54,7 +54,7 @@ def step_seconds(model, opt, batch) -> float:
 
 
 def once(model_name: str = "testbed", nsamples: int = 16, seqlen: int = 128, batch_size: int = 8,
-         train_steps: int = 4, prefill: int = 128, decode: int = 8) -> dict[str, float]:
+         train_steps: int = 6, prefill: int = 128, decode: int = 16, repeats: int = 7) -> dict[str, float]:
     """Every ratio of :data:`RATIOS`, measured once."""
     from losa import data, load_model, prune_model
     from losa.adapter import make_masked_lora
@@ -89,7 +89,7 @@ def once(model_name: str = "testbed", nsamples: int = 16, seqlen: int = 128, bat
                 times[k].append(t)
     out["masked_step_over_full"] = statistics.median(times["masked"]) / statistics.median(times["full"])
 
-    s = speed(model, dense, prefill=prefill, decode=decode, repeats=3, engines=("torch", "csr", "onnxruntime"))
+    s = speed(model, dense, prefill=prefill, decode=decode, repeats=repeats, engines=("torch", "csr", "onnxruntime"))
     out.update({f"decode_speedup.{e}": r["decode"] for e, r in s["speedup"].items() if e != "torch"})
     return out
 
