@@ -11,6 +11,7 @@ from deepsparse import Engine
 
 
 def median_ms(fn, repeats):
+    # losa.speed._median_ms again: this file runs in DeepSparse's environment, which has no torch (nor losa)
     fn()
     times = []
     for _ in range(repeats):
