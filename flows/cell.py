@@ -172,7 +172,7 @@ def run_cell(cell: Cell, grid: str, parent_run_id: str | None = None) -> dict:
         for attempt in (1, 2):
             stages = TaskStages(spec)
             try:
-                report = drive(spec.config, stages).to_dict()
+                report = _evaluate_finished(spec, stages, store) or drive(spec.config, stages).to_dict()
                 break
             except CorruptArtifact as err:
                 if attempt == 2:
@@ -197,6 +197,38 @@ def run_cell(cell: Cell, grid: str, parent_run_id: str | None = None) -> dict:
                 f"({len(computed)} stages computed, {wall:.1f} s)")
     return {"cell_id": cell.id, "key": key, "run_id": run_id, "ppl": report["ppl"], "wall_s": wall,
             "stages_computed": len(computed), "stage_seconds": sum(c["seconds"] or 0.0 for c in computed)}
+
+
+def _evaluate_finished(spec: CellSpec, stages: TaskStages, store: ArtifactStore) -> dict | None:
+    """A cell that only adds evaluation stages (zero-shot, export, speed) to a cell already finished here: its
+    report (from that cell's MLflow run) and final model (from the store) are reused, and only the new stages run.
+    Retention may have dropped the finished cell's intermediates, so walking its stages again would recompute
+    them (deterministically, to the same final model). None when there is no such cell: ``drive`` runs."""
+    from losa.config import EVALUATIONS
+    from losa.dsa import LosaReport, evaluate
+
+    cfg = spec.config
+    if all(getattr(cfg, e) is None for e in EVALUATIONS):
+        return None
+    base = spec.model_copy(update={"config": cfg.model_copy(update={e: None for e in EVALUATIONS})})
+    record = retention.done(store, cell_key(base))
+    if record is None or not record.info.get("run_id"):
+        return None
+    try:
+        logged = tracking.cell_report(record.info["run_id"])
+    except Exception as err:  # noqa: BLE001 - a run that cannot be read: compute the cell instead
+        get_run_logger().warning(f"finished cell {record.info['run_id']} unreadable ({err}); running the cell")
+        return None
+    final = store.get(record.info["final"]) if record.info["final"] is not None else T.model_ref(spec)
+    if final is None:
+        return None
+    stages.refs += [store.get(k) for k in record.info["stages"] if store.get(k) is not None]
+    fields = LosaReport.__dataclass_fields__
+    report = LosaReport(**{k: v for k, v in logged.items() if k in fields})
+    report.config = cfg.identity()
+    get_run_logger().info(f"{spec.config.label}: reusing finished cell {record.info['run_id']} (its final model "
+                          f"{final.stage} {final.key[:12]}); running the evaluation stages only")
+    return evaluate(cfg, stages, final, T.model_ref(spec), report).to_dict()
 
 
 def _prefect_tags() -> dict[str, str]:

@@ -23,7 +23,7 @@ from .rank_allocation import allocate_ranks
 from .schedule import cubic_sparsity, mean_rank
 from .stages import LocalStages, MergeVerificationError, Stages, overall_sparsity
 
-__all__ = ["run_losa", "drive", "LosaReport", "StepRecord", "MergeVerificationError", "verify_final_sparsity"]
+__all__ = ["run_losa", "drive", "evaluate", "LosaReport", "StepRecord", "MergeVerificationError", "verify_final_sparsity"]
 
 
 @dataclass
@@ -139,16 +139,23 @@ def drive(cfg: LosaConfig, stages: Stages) -> LosaReport:
             final = _one_shot(cfg, stages, dense, report)
         else:
             final = _dsa(cfg, stages, dense, report)
-        # the optional stages, on the model whose perplexity is report.ppl (method.md §6)
-        if cfg.zeroshot is not None:
-            with _timed(times, "zeroshot"):
-                report.zeroshot = stages.zero_shot(final)
-        if cfg.export is not None:
-            with _timed(times, "export"):
-                report.export = stages.export(final)
-        if cfg.speed is not None:
-            with _timed(times, "speed"):
-                report.speed = stages.speed(final, dense)
+        evaluate(cfg, stages, final, dense, report)
+    return report
+
+
+def evaluate(cfg: LosaConfig, stages: Stages, final, dense, report: LosaReport) -> LosaReport:
+    """The optional stages the config asks for, on the model whose perplexity is ``report.ppl`` (method.md §6):
+    zero-shot accuracy, the sparse form's size, speed against the ``dense`` model."""
+    times = report.timings
+    if cfg.zeroshot is not None:
+        with _timed(times, "zeroshot"):
+            report.zeroshot = stages.zero_shot(final)
+    if cfg.export is not None:
+        with _timed(times, "export"):
+            report.export = stages.export(final)
+    if cfg.speed is not None:
+        with _timed(times, "speed"):
+            report.speed = stages.speed(final, dense)
     return report
 
 

@@ -535,6 +535,32 @@ def test_optional_stages_run_cached_log_and_fill_table2(losa_env, tmp_path, monk
     assert len(store.computed()) == lines  # every stage, the optional ones too, came from the store
 
 
+def test_adding_evaluation_stages_to_finished_cells_runs_only_those(losa_env, tmp_path, monkeypatch):
+    """A zero-shot grid over cells that finished elsewhere (their intermediates dropped by ``retain: final``) reuses
+    their final models and reports: only the zero-shot stages compute, and the perplexities are the logged ones."""
+    from flows.grid import losa_grid
+    from tasks.store import ArtifactStore
+
+    monkeypatch.setenv("LOSA_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{(tmp_path / 'state').resolve() / 'mlflow.db'}")
+    base = write_grid(tmp_path / "grids", ["pruned", "losa"], name="ppl")
+    raw = yaml.safe_load(base.read_text())
+    raw["retain"] = "final"
+    base.write_text(yaml.safe_dump(raw))
+    losa_grid(str(base))
+    store = ArtifactStore()
+    before = len(store.computed())
+    zs = write_grid(tmp_path / "grids", ["pruned", "losa"], name="zs2", table="zeroshot",
+                    zeroshot={"tasks": ["rte"], "limit": 2, "batch_size": 2})
+    losa_grid(str(zs))
+    assert [c["stage"] for c in store.computed()[before:] if c["stage"] != "cell"] == ["zeroshot"] * 3  # + records
+    runs = mlflow_runs(**{"losa.kind": "cell"})
+    for label in ("dense", "pruned", "+LoSA"):
+        of = runs[runs["tags.losa.label"] == label].set_index("tags.losa.grid")
+        assert of.loc["zs2", "metrics.ppl"] == of.loc["ppl", "metrics.ppl"]
+        assert 0 <= of.loc["zs2", "metrics.zs.rte"] <= 1 and of.loc["zs2", "metrics.zs.n"] == 2
+
+
 def test_export_writes_a_loadable_folder_and_an_exact_sparse_form(first, tmp_path, capsys):
     """``losa export``: the HF folder loads with from_pretrained and scores the cell's perplexity; the sparse form
     restores it bit for bit, and its bytes are the non-zeros' plus one bit per weight (and row offsets)."""
