@@ -222,7 +222,7 @@ def _evaluate_finished(spec: CellSpec, stages: TaskStages, store: ArtifactStore)
     final = store.get(record.info["final"]) if record.info["final"] is not None else T.model_ref(spec)
     if final is None:
         return None
-    stages.refs += [store.get(k) for k in record.info["stages"] if store.get(k) is not None]
+    stages.refs += [ref for k in record.info["stages"] if (ref := store.get(k)) is not None]
     fields = LosaReport.__dataclass_fields__
     report = LosaReport(**{k: v for k, v in logged.items() if k in fields})
     report.config = cfg.identity()

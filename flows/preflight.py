@@ -137,17 +137,12 @@ def _cell_problems(cell: Cell, shape: Shape) -> list[str]:
         if cfg.speed is not None and cfg.speed.prefill + cfg.speed.decode + 1 > shape.context:
             out.append(f"speed.prefill + speed.decode = {cfg.speed.prefill + cfg.speed.decode} exceeds the model's "
                        f"context ({shape.context} tokens)")
-    if cfg.zeroshot is not None and cfg.zeroshot.source == "hub" and _offline():
+    from losa.data import hub_allowed
+
+    if cfg.zeroshot is not None and cfg.zeroshot.source == "hub" and not hub_allowed():
         out.append("zeroshot.source = hub needs the Hugging Face hub, but HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set; "
                    "use source: local (the shipped task files)")
     return out
-
-
-def _offline() -> bool:
-    import os
-
-    return any(os.environ.get(v, "0") not in ("", "0", "false", "False") for v in ("HF_HUB_OFFLINE",
-                                                                                    "HF_DATASETS_OFFLINE"))
 
 
 def check(grid: Grid, *, resources: bool = True) -> list[str]:

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from flows.spec import Cell, Layout
-from losa.config import ablation_rank, label
+from losa.config import LABELS, ablation_rank, label
 
 LAYOUTS: tuple[str, ...] = get_args(Layout)
 METRICS = ("ppl", "ppl_pruned", "ppl_unmerged", "achieved_sparsity", "sparsity_before_merge", "trainable_params")
@@ -418,7 +418,7 @@ def _zeroshot_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
             for sparsity in sorted(pdf["sparsity"].dropna().unique()):
                 cells = pdf[np.isclose(pdf["sparsity"], sparsity)]
                 several_t = cells.loc[cells["method"] == "losa", "_T"].nunique() > 1
-                groups = [("dense", dense)] + [(LABELS_ROW[m], cells[cells["method"] == m]) for m in
+                groups = [("dense", dense)] + [(LABELS[m], cells[cells["method"] == m]) for m in
                                                ("pruned", "lora") if (cells["method"] == m).any()]
                 losa = cells[cells["method"] == "losa"]
                 groups += [(f"+LoSA (T={t})" if several_t else "+LoSA", losa[losa["_T"] == t])
@@ -453,9 +453,6 @@ def _zeroshot_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
                                    "PIQA), else acc (method.md §6)."]}
                 tables[f"zeroshot__{_slug(model)}__{_slug(pruner)}__{sparsity * 100:g}"] = table
     return tables
-
-
-LABELS_ROW = {"pruned": "pruned", "lora": "+LoRA"}
 
 
 def _gain(groups: list[tuple[str, pd.DataFrame]]) -> float | None:

@@ -276,10 +276,9 @@ def stage_metrics(report: dict) -> dict[str, float]:
     for e, r in speed.get("engines", {}).items():
         if r.get("available"):
             out.update({f"speed.{e}.prefill_ms": r["prefill_ms"], f"speed.{e}.decode_ms": r["decode_ms"]})
-    for side in ("dense",):
-        for e, r in speed.get(side, {}).items():
-            if r.get("available"):
-                out.update({f"speed.{e}.dense_prefill_ms": r["prefill_ms"], f"speed.{e}.dense_decode_ms": r["decode_ms"]})
+    for e, r in speed.get("dense", {}).items():
+        if r.get("available"):
+            out.update({f"speed.{e}.dense_prefill_ms": r["prefill_ms"], f"speed.{e}.dense_decode_ms": r["decode_ms"]})
     for e, r in speed.get("speedup", {}).items():
         out.update({f"speed.{e}.prefill_speedup": r["prefill"], f"speed.{e}.decode_speedup": r["decode"]})
     for e, r in speed.get("speedup_vs_torch", {}).items():

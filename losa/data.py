@@ -61,14 +61,14 @@ def data_roots() -> list[Path]:
     return roots
 
 
-def _hub_allowed() -> bool:
+def hub_allowed() -> bool:
     return not any(os.environ.get(v, "0") not in ("", "0", "false", "False") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 def _places(relpath: str, hub: str | None) -> list[str]:
     places = [str(root / relpath) for root in data_roots()]
     if hub:
-        places.append(f"hub: {hub}" + ("" if _hub_allowed() else " (skipped: offline mode)"))
+        places.append(f"hub: {hub}" + ("" if hub_allowed() else " (skipped: offline mode)"))
     return places
 
 
@@ -93,7 +93,7 @@ def require(*relpaths: str) -> None:
 
     Files with a hub fallback count as present when the hub is allowed (the download happens on first use).
     """
-    missing = [p for p in relpaths if find(p) is None and not (_HUB.get(p) and _hub_allowed())]
+    missing = [p for p in relpaths if find(p) is None and not (_HUB.get(p) and hub_allowed())]
     if missing:
         lines = [f"  {p}: looked in\n" + "\n".join(f"    - {where}" for where in _places(p, _HUB.get(p))) for p in missing]
         raise DataNotFoundError(
@@ -105,7 +105,7 @@ def _load_local_or_hub(relpath: str, read: Callable[[Path], object], hub: Callab
     path = find(relpath)
     if path is not None:
         return read(path)
-    if hub is not None and _hub_allowed():
+    if hub is not None and hub_allowed():
         try:
             return hub()
         except Exception as err:  # offline, gated, renamed: report it with the local places
@@ -367,4 +367,11 @@ def zeroshot_docs(task: str) -> list[dict]:
 
 def zeroshot_sha256(tasks: Sequence[str]) -> dict[str, str]:
     """Content hashes of the files the given zero-shot tasks read (their cache key's data part)."""
-    return {rel: sha256(find(rel)) for t in tasks for rel in ZEROSHOT_FILES[t][0] if find(rel) is not None}
+    return {rel: _file_sha256(path, path.stat().st_mtime_ns, path.stat().st_size)
+            for t in tasks for rel in ZEROSHOT_FILES[t][0] if (path := find(rel)) is not None}
+
+
+@lru_cache(maxsize=None)
+def _file_sha256(path: Path, mtime_ns: int, size: int) -> str:
+    # every stage key of a zero-shot cell hashes these files: once per process while they are unchanged
+    return sha256(path)

@@ -37,10 +37,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import ENGINES
 from .models import get_adapter
 
 DEEPSPARSE_ENV = "LOSA_DEEPSPARSE_PYTHON"
-ENGINES = ("torch", "csr", "onnxruntime", "deepsparse", "cuda", "cuda_2:4")
 DENSE_OF = {"csr": "torch", "cuda_2:4": "cuda"}  # a sparse-only engine and the dense one it is compared with
 
 
