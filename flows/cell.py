@@ -60,7 +60,7 @@ class TaskStages:
         return T.model_ref(self.cell)
 
     def dense_outputs(self) -> Ref:
-        return self._call(T.dense_outputs, calib=self.calib)
+        return T.model_ref(self.cell)  # recomputed by each prune, block by block (tasks.stages.prune)
 
     def importance(self, state: Ref) -> Importance:
         return Importance(**self._call(T.importance, state=state, calib=self.calib).info)
@@ -150,7 +150,10 @@ def cell_spec(cell: Cell, as_task: bool = True) -> CellSpec:
 
 
 def cell_key(spec: CellSpec) -> str:
-    return tracking.cell_key(spec.model_sha256, spec.config.identity(), f"{METHOD_VERSION}/{STAGE_VERSION}")
+    """A cell's identity: model, settings, code versions and the versions of the libraries that compute it (a
+    finished cell is not reused under another torch, as no stage of it would be)."""
+    libraries = ",".join(f"{p}={T._version(p)}" for p in T.LIBRARIES)
+    return tracking.cell_key(spec.model_sha256, spec.config.identity(), f"{METHOD_VERSION}/{STAGE_VERSION}/{libraries}")
 
 
 def run_cell(cell: Cell, grid: str, parent_run_id: str | None = None) -> dict:

@@ -35,6 +35,7 @@ class Shape:
     context: int | None
     params: int
     linear_params: int  # the prunable block linears: what a snapshot stores
+    linear_io: int = 0  # sum over one block's prunable linears of d_in + d_out: an adapter's A/B per unit of rank
     dtype_bytes: int = 4  # losa loads weights in fp32 on CPU (losa.models.load_model)
 
     @property
@@ -58,11 +59,13 @@ def model_shape(path: str) -> Shape:
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     attn = hidden * heads * head_dim * 2 + hidden * kv * head_dim * 2
-    mlp = hidden * inter * (3 if hasattr(cfg, "intermediate_size") else 2)
+    gated = 3 if hasattr(cfg, "intermediate_size") else 2
+    mlp = hidden * inter * gated
+    io = 2 * (hidden + heads * head_dim) + 2 * (hidden + kv * head_dim) + gated * (hidden + inter)
     embed = cfg.vocab_size * hidden * (1 if getattr(cfg, "tie_word_embeddings", False) else 2)
     return Shape(hidden=hidden, intermediate=inter, attn_out_in=heads * head_dim, layers=layers, vocab=cfg.vocab_size,
                  context=getattr(cfg, "max_position_embeddings", None), params=layers * (attn + mlp) + embed,
-                 linear_params=layers * (attn + mlp))
+                 linear_params=layers * (attn + mlp), linear_io=layers * io)
 
 
 def cell_memory(shape: Shape, cfg: LosaConfig) -> dict[str, int]:
@@ -70,7 +73,8 @@ def cell_memory(shape: Shape, cfg: LosaConfig) -> dict[str, int]:
     f = 4
     block_acts = cfg.calib_batch_size * cfg.seqlen * (4 * shape.hidden + 2 * shape.intermediate) * f
     calib = 2 * cfg.nsamples * cfg.seqlen * shape.hidden * f  # block inputs and outputs of every window
-    dense_outputs = shape.layers * cfg.nsamples * cfg.seqlen * shape.hidden * f if cfg.method == "losa" else 0
+    # one block's dense outputs at a time, recomputed beside each prune (tasks/stages.py)
+    dense_outputs = cfg.nsamples * cfg.seqlen * shape.hidden * f if cfg.method == "losa" else 0
     gram = shape.hidden * shape.hidden * 8 * 2 + shape.intermediate ** 2 * 8  # Wanda/SparseGPT statistics (fp64)
     tokens = cfg.finetune.batch_size * cfg.finetune.seqlen
     train = 0
@@ -79,17 +83,20 @@ def cell_memory(shape: Shape, cfg: LosaConfig) -> dict[str, int]:
         # the masked update's full-size product per linear (method.md §4), LoRA state (tiny)
         train = tokens * (shape.layers * (12 * shape.hidden + 3 * shape.intermediate) + 3 * shape.vocab) * f + \
             2 * shape.hidden * max(shape.intermediate, shape.hidden) * f
-    return {"weights (model + restored state)": 2 * shape.weight_bytes, "pruning": block_acts + calib + gram,
+    return {"weights (model + restored state, or + the dense model beside a prune)": 2 * shape.weight_bytes, "pruning": block_acts + calib + gram,
             "dense outputs": dense_outputs, "fine-tuning": train}
 
 
 def cell_disk(shape: Shape, cfg: LosaConfig) -> int:
-    """Bytes a cell writes to the artifact store before retention (losa/snapshot.py's layout in the store's compact
-    form, tasks/store.py): a snapshot holds the prunable linears' weights, at sparsity s as their non-zeros plus one
-    bit per weight and 8 bytes per row, S(s) = min(L, P((1 − s) b + 1/8) + 8 R) for P weights of b bytes in R rows
-    (L = P b); a masked-LoRA snapshot adds its masks (P/8) and A/B. LoSA writes T prunes (at Θ^t of the cubic
-    schedule), T − 1 merges and one final merge (each at the sparsity of the prune before it) and T fine-tuned states,
-    and the dense outputs; + LoRA a prune, the trained state and its (dense) merge; pruned one prune."""
+    """Bytes a cell writes to the artifact store (tasks/stages.py's stored forms in the store's compact form,
+    tasks/store.py), all of which exist at the cell's peak (retention drops intermediates once it has finished).
+
+    A snapshot of P prunable weights of b bytes in R rows at sparsity s holds their non-zeros, one bit per weight
+    and 8 bytes per row: S(s) = min(P b, P((1 − s) b + 1/8) + 8 R). A prune by a masking rule (Wanda, magnitude)
+    stores its mask (P/8), SparseGPT's S(Θ^t); a fine-tuning step its adapter, A(r) = 4 r Σ(d_in + d_out); a merge
+    and a plain-LoRA merge a recipe (~0); LoSA's final merge S(s). So LoSA: Σ_t [prune(Θ^t) + A(r_phys)] + S(s) over
+    the cubic schedule's Θ^t; + LoRA: prune(s) + A(r_lora); pruned: prune(s)."""
+    from losa.pruners import get_rule
     from losa.schedule import cubic_sparsity
 
     b, p = shape.dtype_bytes, shape.linear_params
@@ -98,17 +105,21 @@ def cell_disk(shape: Shape, cfg: LosaConfig) -> int:
     def snap(sparsity: float) -> float:
         return min(p * b, p * ((1 - sparsity) * b + 1 / 8) + 8 * rows)
 
-    adapter = shape.layers * 7 * cfg.physical_rank * (shape.hidden + shape.intermediate) * 4  # A and B, every linear
+    def prune(sparsity: float) -> float:
+        return p / 8 if get_rule(cfg.pruner).masks_only else snap(sparsity)
+
+    def adapter(rank: int) -> float:
+        return 4 * rank * (shape.linear_io or 2 * 7 * (shape.hidden + shape.intermediate) * shape.layers)
+
     if cfg.method == "dense":
         return 0
     if cfg.method == "pruned":
-        return int(snap(cfg.sparsity))
+        return int(prune(cfg.sparsity))
     if cfg.method == "lora":
-        return int(2 * snap(cfg.sparsity) + adapter + p * b)
+        return int(prune(cfg.sparsity) + adapter(cfg.lora_rank))
     steps = cfg.effective_steps
     thetas = [cubic_sparsity(cfg.sparsity, t, steps) for t in range(1, steps + 1)]
-    outputs = shape.layers * cfg.nsamples * cfg.seqlen * shape.hidden * 4
-    return int(sum(2 * snap(th) + snap(th) + p / 8 + adapter for th in thetas) + outputs)
+    return int(sum(prune(th) + adapter(cfg.physical_rank) for th in thetas) + snap(cfg.sparsity))
 
 
 def _model_problems(name: str, path: str | None, err: Exception | None) -> list[str]:

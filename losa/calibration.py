@@ -17,7 +17,7 @@ and back one at a time. Activations may be kept on another device (``offload``) 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 
@@ -209,12 +209,15 @@ def _walk_dense(model: nn.Module, input_ids: torch.Tensor, batch_size: int, devi
 
 @torch.no_grad()
 def dense_block_outputs(model: nn.Module, calibration: torch.Tensor, batch_size: int = 8, device=None,
-                        offload=None) -> list[list[torch.Tensor]]:
+                        offload=None, lazy: bool = False) -> list[list[torch.Tensor]] | Iterator[list[torch.Tensor]]:
     """Y^dense_l of every block on the calibration set: ``out[l][k]`` is block l's output on batch k (method.md §3).
 
-    Computed once on the original dense model; LoSA's rank allocation measures every later pruning against it.
+    Computed on the original dense model; LoSA's rank allocation measures every later pruning against it.
+    ``lazy``: yield them block by block instead (a :func:`prune_model` ``reference`` that holds one block's outputs
+    at a time, not every block's: at 7B those are ~70 GB).
     """
-    return [out for _, out in _walk_dense(model, calibration, batch_size, device, offload)]
+    outputs = (out for _, out in _walk_dense(model, calibration, batch_size, device, offload))
+    return outputs if lazy else list(outputs)
 
 
 @torch.no_grad()
@@ -238,7 +241,7 @@ def prune_model(
     *,
     batch_size: int = 8,
     propagation: str = "pruned",
-    reference: list[list[torch.Tensor]] | None = None,
+    reference: Sequence[list[torch.Tensor]] | Iterable[list[torch.Tensor]] | None = None,
     reconstruction_error: bool = True,
     device: str | torch.device | None = None,
     offload: str | torch.device | None = None,
@@ -256,9 +259,9 @@ def prune_model(
         pattern: one pattern or one per block (mixed N:M), ``"2:4"`` strings accepted.
         batch_size: calibration windows per block forward.
         propagation: ``"pruned"`` (next block sees pruned outputs; the papers' default) or ``"dense"``.
-        reference: Y^dense from :func:`dense_block_outputs` (same calibration and batch size) to measure the
-            reconstruction errors against, e.g. the original dense model's outputs in LoSA's later steps; default:
-            this model's own unpruned block outputs, computed on the way.
+        reference: Y^dense from :func:`dense_block_outputs` (same calibration and batch size; a list, or an iterator
+            read block by block) to measure the reconstruction errors against, e.g. the original dense model's outputs
+            in LoSA's later steps; default: this model's own unpruned block outputs, computed on the way.
         reconstruction_error: measure L_l per block. Without a ``reference`` this costs one extra block pass (the
             unpruned stream); ``False`` skips it, as the papers' pruning scripts do (``block_errors`` is then empty).
         device: compute device (default: where the model's first block is).
@@ -285,9 +288,11 @@ def prune_model(
         for name, lin in adapter.get_linears(block).items():
             patterns[b].check_shape(lin.in_features, f"block {b} {name}")
     n_batches = -(-calibration.shape[0] // batch_size)
-    if reference is not None and (len(reference) != n_blocks or any(len(r) != n_batches for r in reference)):
-        raise ValueError(f"reference must hold {n_blocks} blocks x {n_batches} batches of outputs "
-                         "(dense_block_outputs with the same calibration and batch_size)")
+    shape_error = (f"reference must hold {n_blocks} blocks x {n_batches} batches of outputs "
+                   "(dense_block_outputs with the same calibration and batch_size)")
+    if isinstance(reference, Sequence) and (len(reference) != n_blocks or any(len(r) != n_batches for r in reference)):
+        raise ValueError(shape_error)
+    references = iter(reference) if reference is not None else None
 
     device, offload = _devices(model, device, offload)
     report = PruneReport(method, propagation, rates, [str(p) for p in patterns],
@@ -359,7 +364,10 @@ def prune_model(
             pruned_out = forward(block, dense_in if propagation == "dense" else sparse_in)
             if reconstruction_error:
                 err = _ReconstructionError()
-                for ref, out in zip(reference[b] if reference is not None else dense_out, pruned_out):
+                target = next(references, None) if references is not None else dense_out
+                if target is None or len(target) != n_batches:
+                    raise ValueError(shape_error)
+                for ref, out in zip(target, pruned_out):
                     err.add(ref.to(device), out.to(device))
                 report.block_errors.append(err.value())
             _sync(device)

@@ -365,10 +365,15 @@ def zeroshot_docs(task: str) -> list[dict]:
     return _jsonl(path)  # winogrande, arc_*: already in the standard task's fields
 
 
-def zeroshot_sha256(tasks: Sequence[str]) -> dict[str, str]:
-    """Content hashes of the files the given zero-shot tasks read (their cache key's data part)."""
-    return {rel: _file_sha256(path, path.stat().st_mtime_ns, path.stat().st_size)
-            for t in tasks for rel in ZEROSHOT_FILES[t][0] if (path := find(rel)) is not None}
+def files_sha256(relpaths: Sequence[str]) -> dict[str, str]:
+    """{relpath: content sha256} of the local copies (``hub: <id>`` for a file read from the hub instead): what a
+    cached result computed from these files depends on."""
+    out = {}
+    for rel in relpaths:
+        path = find(rel)
+        out[rel] = _file_sha256(path, path.stat().st_mtime_ns, path.stat().st_size) if path is not None else \
+            f"hub: {_HUB.get(rel, 'none')}"
+    return out
 
 
 @lru_cache(maxsize=None)

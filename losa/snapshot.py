@@ -3,11 +3,13 @@
 A snapshot is a flat ``{name: tensor}`` dict (safetensors-ready) plus string metadata:
 
 - ``w.<block>.<name>``: the prunable linears' base weights;
-- ``a.<block>.<name>.A`` / ``.B`` and ``m.<block>.<name>``: the adapter's A/B and (masked LoRA) masks, when one is
-  attached, with ``ranks`` (the per-block active ranks) and ``meta["adapter"]`` = ``masked`` | ``lora`` | ``none``;
+- ``a.<block>.<name>.A`` / ``.B``: the adapter's A/B, when one is attached, with ``ranks`` (a masked LoRA's per-block
+  active ranks) and ``meta["adapter"]`` = ``masked`` | ``lora`` | ``none``. A masked LoRA's masks are not stored: they
+  are ``weight != 0`` of the base weights the adapter is attached to (method.md §4), which restore derives again;
+- ``k.<block>.<name>``: instead of the weights, which of them a masking rule kept (:func:`kept`), for a pruned state
+  whose weights are its input state's where kept and 0 elsewhere (:func:`apply_kept`);
 - ``rng.cpu`` (and ``rng.cuda``): the torch RNG state, so dropout continues exactly where the previous stage left it.
 
-Dense block outputs (SRA's reference, method.md §3) are stored as ``<block>.<batch>`` tensors (:func:`pack_outputs`).
 These names are the artifact store's stored form: change them only together with the tasks' ``STAGE_VERSION``.
 """
 
@@ -34,17 +36,18 @@ def base_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def snapshot(model: nn.Module, adapter: bool = True) -> tuple[Tensors, dict[str, str]]:
-    """(tensors, metadata) of a cell's state: prunable base weights, adapter A/B/masks/ranks if any, RNG state.
+def snapshot(model: nn.Module, adapter: bool = True, weights: bool = True) -> tuple[Tensors, dict[str, str]]:
+    """(tensors, metadata) of a cell's state: prunable base weights, adapter A/B/ranks if any, RNG state.
 
     ``model`` is a plain model or a peft model with an unmerged masked or plain LoRA adapter; ``adapter=False``
-    keeps the base weights only (e.g. of a merged model, whose adapter is already inside them).
+    keeps the base weights only (e.g. of a merged model, whose adapter is already inside them), ``weights=False``
+    the adapter only (a fine-tuned state whose base weights another snapshot holds).
     """
     from .adapter import masked_layers
 
     tensors: Tensors = {}
     base = base_model(model)
-    for b, name, lin in get_adapter(base).iter_linears(base):
+    for b, name, lin in get_adapter(base).iter_linears(base) if weights else ():
         tensors[f"w.{_key(b, name)}"] = lin.weight.detach().contiguous()
     meta = {"adapter": "none"}
     if adapter and hasattr(model, "peft_config"):
@@ -57,8 +60,6 @@ def snapshot(model: nn.Module, adapter: bool = True) -> tuple[Tensors, dict[str,
             tensors[f"a.{_key(b, name)}.A"] = layer.lora_A["default"].weight.detach().contiguous()
             tensors[f"a.{_key(b, name)}.B"] = layer.lora_B["default"].weight.detach().contiguous()
         if masked:
-            for b, name, layer in masked:
-                tensors[f"m.{_key(b, name)}"] = layer.sparsity_mask["default"].contiguous()
             n = len(get_adapter(base).get_blocks(base))
             ranks = {b: layer.active_rank["default"] for b, _, layer in masked}
             tensors["ranks"] = torch.tensor([ranks.get(b, 0) for b in range(n)], dtype=torch.int64)
@@ -66,6 +67,24 @@ def snapshot(model: nn.Module, adapter: bool = True) -> tuple[Tensors, dict[str,
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     return tensors, meta
+
+
+def kept(model: nn.Module) -> Tensors:
+    """``k.*``: where each prunable weight's bit pattern is not zero (a kept −0.0 counts: bit-exact on restore)."""
+    base = base_model(model)
+    return {f"k.{_key(b, name)}": (lin.weight != 0) | torch.signbit(lin.weight)
+            for b, name, lin in get_adapter(base).iter_linears(base)}
+
+
+@torch.no_grad()
+def apply_kept(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Zero every prunable weight that ``k.*`` does not keep, exactly as a masking rule does (losa.pruners)."""
+    base = base_model(model)
+    for b, name, lin in get_adapter(base).iter_linears(base):
+        mask = tensors[f"k.{_key(b, name)}"].to(lin.weight.device)
+        lin.weight.data.copy_(torch.where(mask, lin.weight, torch.zeros((), dtype=lin.weight.dtype,
+                                                                         device=lin.weight.device)))
+    return model
 
 
 @torch.no_grad()
@@ -78,35 +97,46 @@ def load_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
 
 @torch.no_grad()
 def restore(model: nn.Module, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], cfg: LosaConfig,
-            merged_weights: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
-    """Load a :func:`snapshot` into a freshly loaded dense ``model``; returns the model or its peft wrapper.
+            merged: bool = False) -> nn.Module:
+    """Load a :func:`snapshot` into ``model`` (plain); returns the model or its peft wrapper.
 
-    ``merged_weights``: base weights (another snapshot's ``w.*``) that already hold this snapshot's masked adapter,
-    merged and then pruned: the state DSA steps 2–4 leave (method.md §4), which step 5 continues from. They replace
-    the snapshot's own base weights and the adapter counts as merged.
+    The snapshot's base weights replace the model's when it holds them; an adapter-only snapshot is attached to the
+    weights the model already has, its masks being their non-zeros. ``merged``: those weights already hold this
+    snapshot's masked adapter, merged and then pruned (the state DSA steps 2–4 leave, method.md §4, which step 5
+    continues from): the adapter counts as merged.
     """
-    load_weights(model, tensors)
+    if any(k.startswith("w.") for k in tensors):
+        load_weights(model, tensors)
     kind = meta.get("adapter", "none")
     if kind == "masked":
-        from .adapter import make_masked_lora, masked_layers, set_active_ranks, set_masks
+        from .adapter import make_masked_lora
 
         model = make_masked_lora(model, r_max=cfg.physical_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
-        set_masks(model, {(b, n): tensors[f"m.{_key(b, n)}"] for b, n, _ in masked_layers(model)})
-        set_active_ranks(model, tensors["ranks"].tolist())
     elif kind == "lora":
         model = plain_lora(model, cfg)
-    if kind != "none":
+    elif merged:
+        raise ValueError(f"merged needs a snapshot with a masked adapter, not {kind!r}")
+    load_adapter(model, tensors)
+    if merged:
+        from .adapter import mark_merged
+
+        mark_merged(model)
+    return model
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Copy a snapshot's adapter (A/B, a masked LoRA's active ranks) into the adapter ``model`` already carries, and
+    its RNG state into torch's, so training continues exactly where the snapshot left it."""
+    if "ranks" in tensors:
+        from .adapter import set_active_ranks
+
+        set_active_ranks(model, tensors["ranks"].tolist())
+    if hasattr(model, "peft_config"):
         base = model.get_base_model()
         for b, name, layer in get_adapter(base).iter_linears(base, unwrap=False):
             layer.lora_A["default"].weight.copy_(tensors[f"a.{_key(b, name)}.A"])
             layer.lora_B["default"].weight.copy_(tensors[f"a.{_key(b, name)}.B"])
-    if merged_weights is not None:
-        from .adapter import mark_merged
-
-        if kind != "masked":
-            raise ValueError(f"merged_weights need a snapshot with a masked adapter, not {kind!r}")
-        load_weights(model, merged_weights)
-        mark_merged(model)
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
@@ -123,16 +153,4 @@ def plain_lora(model: nn.Module, cfg: LosaConfig):
                                             target_modules=targets, task_type="CAUSAL_LM"))
 
 
-def pack_outputs(outputs: Outputs) -> tuple[Tensors, dict[str, int]]:
-    """Dense block outputs as flat tensors ``<block>.<batch>`` and their shape ``{"blocks": ..., "batches": ...}``."""
-    tensors = {f"{b}.{k}": y for b, block in enumerate(outputs) for k, y in enumerate(block)}
-    return tensors, {"blocks": len(outputs), "batches": len(outputs[0]) if outputs else 0}
-
-
-def unpack_outputs(tensors: Mapping[str, torch.Tensor], shape: Mapping[str, int]) -> Outputs:
-    """Inverse of :func:`pack_outputs`."""
-    return [[tensors[f"{b}.{k}"] for k in range(shape["batches"])] for b in range(shape["blocks"])]
-
-
-__all__ = ["Outputs", "Tensors", "base_model", "load_weights", "pack_outputs", "plain_lora", "restore", "snapshot",
-           "unpack_outputs"]
+__all__ = ["Outputs", "Tensors", "apply_kept", "base_model", "kept", "load_adapter", "load_weights", "plain_lora", "restore", "snapshot"]

@@ -75,11 +75,13 @@ def jsonable(obj):
 # --------------------------------------------------------------------------------------------- the stages
 
 
-def dense_outputs(model: nn.Module, calibration: torch.Tensor, cfg: LosaConfig, *, device=None) -> Outputs:
-    """Y^dense of every block on the calibration set: SRA's reference (method.md §3)."""
+def dense_outputs(model: nn.Module, calibration: torch.Tensor, cfg: LosaConfig, *, device=None,
+                  lazy: bool = False) -> Outputs | Iterator[list[torch.Tensor]]:
+    """Y^dense of every block on the calibration set: SRA's reference (method.md §3); ``lazy``: block by block, as
+    :func:`prune` reads them (computed again at each step instead of kept: one block's outputs live at a time)."""
     from .calibration import dense_block_outputs
 
-    return dense_block_outputs(base_model(model), calibration, cfg.calib_batch_size, device=device)
+    return dense_block_outputs(base_model(model), calibration, cfg.calib_batch_size, device=device, lazy=lazy)
 
 
 def importance(model: nn.Module, calibration: torch.Tensor, cfg: LosaConfig, *, device=None) -> Importance:
@@ -93,7 +95,8 @@ def importance(model: nn.Module, calibration: torch.Tensor, cfg: LosaConfig, *, 
 
 
 def prune(model: nn.Module, calibration: torch.Tensor, cfg: LosaConfig, rates: list, patterns: list[str],
-          reference: Outputs | None = None, *, device=None, progress: bool = True) -> PruneReport:
+          reference: Outputs | Iterator[list[torch.Tensor]] | None = None, *, device=None,
+          progress: bool = True) -> PruneReport:
     """Prune the model's (merged) weights block by block to ``rates`` / ``patterns`` (method.md §1), in place,
     recording each block's reconstruction error L_l against ``reference`` (method.md §3)."""
     from .calibration import prune_model
@@ -103,11 +106,9 @@ def prune(model: nn.Module, calibration: torch.Tensor, cfg: LosaConfig, rates: l
                        device=device, progress=progress)
 
 
-def finetune(model: nn.Module, tokenizer, cfg: LosaConfig, ranks: list[int], t: int, *,
-             stream: torch.Tensor | None = None, log: Log | None = None,
-             progress: bool = True) -> tuple[nn.Module, Trained]:
-    """DSA steps 5–7 (method.md §4) after pruning at step t: the masked adapter on the new mask with SRA's ranks,
-    then fine-tuned. Returns the peft model (adapter unmerged) and what training did.
+def adapt(model: nn.Module, cfg: LosaConfig, ranks: list[int]) -> tuple[nn.Module, list[int]]:
+    """DSA steps 5–6 (method.md §4) after pruning: the masked adapter on the new mask with SRA's ranks, before
+    training. Returns the peft model and the ranks applied (after the physical-rank cut).
 
     ``model`` is either plain (t = 1: a fresh, seeded masked LoRA on the pruned weights) or carries the previous
     step's masked adapter merged into weights that were then pruned (t > 1: unmerged with the new mask, so pruned
@@ -121,7 +122,15 @@ def finetune(model: nn.Module, tokenizer, cfg: LosaConfig, ranks: list[int], t: 
         clipped = set_active_ranks(model, ranks, clip=cfg.clip_to_physical)
     else:
         clipped = unmerge_with_new_mask(model, ranks=ranks, clip=cfg.clip_to_physical)
-    applied = [clipped.get(b, (r, r))[1] for b, r in enumerate(ranks)]
+    return model, [clipped.get(b, (r, r))[1] for b, r in enumerate(ranks)]
+
+
+def finetune(model: nn.Module, tokenizer, cfg: LosaConfig, ranks: list[int], t: int, *,
+             stream: torch.Tensor | None = None, log: Log | None = None,
+             progress: bool = True) -> tuple[nn.Module, Trained]:
+    """DSA steps 5–7 (method.md §4) after pruning at step t: :func:`adapt`, then fine-tune the masked adapter.
+    Returns the peft model (adapter unmerged) and what training did."""
+    model, applied = adapt(model, cfg, ranks)
     res = _train(model, tokenizer, cfg, t, stream, log, progress, f"LoSA step {t}/{cfg.effective_steps}")
     return model, Trained(train_losses=res.losses, seconds=res.seconds, trainable_params=_trainable(model),
                           applied_ranks=applied)
@@ -397,7 +406,7 @@ class LocalStages:
         return speed(self.model, None, self.cfg)
 
 
-__all__ = ["Finalized", "Importance", "LocalStages", "MergeVerificationError", "Stages", "Trained", "dense_outputs",
+__all__ = ["Finalized", "Importance", "LocalStages", "MergeVerificationError", "Stages", "Trained", "adapt", "dense_outputs",
            "finalize", "finetune", "importance", "info", "jsonable", "layer_sparsity", "lora", "merge",
            "overall_sparsity", "perplexity", "prune", "sparse_form", "speed", "step_data", "token_stream", "verify_nm",
            "zero_shot"]

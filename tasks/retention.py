@@ -10,7 +10,7 @@ or wrote, its final model's key (the pruned weights for ``pruned``, the merged w
   that has not finished needs them;
 * ``final``: drop every intermediate snapshot of finished cells that no unfinished cell needs, shared or not.
 
-Kept always: each cell's final model, and the stages that are small or the roots of many cells (calibration windows,
+Kept always: each cell's final model (with the states a final stored as a recipe is rebuilt from), and the stages that are small or the roots of many cells (calibration windows,
 training tokens, dense outputs, LSR's info, perplexities). A dropped snapshot is only recomputation later: its stage
 runs again, deterministically, if a new cell asks for it.
 """
@@ -60,7 +60,8 @@ def done(store: ArtifactStore, cell_key: str) -> Ref | None:
     """The record of a finished cell whose final model is still in the store (None: not finished, or its final model
     was lost and the cell has to run again)."""
     record = cell_record(store, cell_key)
-    if record is None or (record.info["final"] is not None and store.get(record.info["final"]) is None):
+    final = record.info["final"] if record is not None else None
+    if record is None or (final is not None and any(store.get(k) is None for k in store.closure([final]))):
         return None
     return record
 
@@ -77,7 +78,9 @@ def plan(store: ArtifactStore, finished: Mapping[str, Ref], pending: Mapping[str
         return {}
     uses = Counter(k for rec in finished.values() for k in rec.info["stages"])
     uses.update(k for keys in pending.values() for k in set(keys))
-    keep = {rec.info["final"] for rec in finished.values()} | {k for keys in pending.values() for k in keys}
+    # a final model stored as a recipe (a plain-LoRA merge) keeps what it is rebuilt from
+    keep = store.closure([rec.info["final"] for rec in finished.values() if rec.info["final"] is not None])
+    keep |= {k for keys in pending.values() for k in keys}
     drop = {}
     for rec in finished.values():
         for key in rec.info["stages"]:

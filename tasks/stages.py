@@ -2,7 +2,8 @@
 :mod:`losa.stages` function and stores its result as an artifact; it knows nothing of the in-memory executor.
 
 Every task's cache key (:func:`cache_key`) holds the stage name and version, the config fields the stage reads, its
-own parameters, and the content hashes of its input artifacts. The same key addresses the artifact store, so a
+own parameters, the content hashes of its input artifacts and of the data files it reads, and the versions of the
+libraries that compute it. The same key addresses the artifact store, so a
 stage whose artifact exists is never recomputed. SERIALIZABLE isolation (a file lock per key, tied to a live holder:
 :mod:`tasks.locks`) makes concurrent cells that need the same stage wait for one computation instead of racing.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,14 +26,15 @@ from prefect import task
 from prefect.cache_policies import CacheKeyFnPolicy
 from pydantic import BaseModel, ConfigDict
 
-from losa import METHOD_VERSION, snapshot, stages
+from losa import METHOD_VERSION, data, snapshot, stages
 from losa.config import LosaConfig
+from losa.pruners import get_rule
 
 from .locks import LiveLockManager
 from .state import artifacts_url, state_dir
 from .store import ArtifactStore, Ref, stage_key
 
-STAGE_VERSION = "1"  # bump with any change in this file that changes what a stage stores
+STAGE_VERSION = "2"  # bump with any change in this file that changes what a stage stores
 
 
 class CellSpec(BaseModel):
@@ -46,28 +49,38 @@ class CellSpec(BaseModel):
 
 
 # the config fields each stage reads: they, and nothing else of the config, enter its cache key
-_ADAPTER = ("physical_rank", "lora_alpha", "lora_dropout", "lora_rank")
+# what restoring a stored state reads: a stored adapter is rebuilt with these (DSA step 5 redone: seed, clip)
+_ADAPTER = ("physical_rank", "lora_alpha", "lora_dropout", "lora_rank", "seed", "clip_to_physical")
 _TRAIN = ("finetune", "train_data", "train_steps", "final_train_steps", "steps", "method", "ablate",
           "alpaca_per_step", "alpaca_total", "alpaca_max_len", "seed", "clip_to_physical") + _ADAPTER
 FIELDS: dict[str, tuple[str, ...]] = {
     "calibration": ("nsamples", "seqlen", "seed"),
     "train_tokens": (),
-    "dense_outputs": ("calib_batch_size",),
     "importance": ("rmi_samples", "calib_batch_size", "beta", "pruner") + _ADAPTER,  # beta defaults by pruner
-    "prune": ("pruner", "propagation", "calib_batch_size") + _ADAPTER,
+    "prune": ("pruner", "propagation", "calib_batch_size") + _ADAPTER,  # pruner: also the stored form
     "finetune": _TRAIN,
     "lora": _TRAIN,
     "merge": _ADAPTER,
     "finalize": _ADAPTER,
     "perplexity": ("eval_seqlen", "eval_batch_size", "eval_windows") + _ADAPTER,
     "zeroshot": ("zeroshot",) + _ADAPTER,
-    "export": ("export",),
-    "speed": ("speed",),
+    "export": ("export",) + _ADAPTER,
+    "speed": ("speed",) + _ADAPTER,
 }
-# what else a stage reads: the content of data files (their hashes enter its key) and the libraries that score it
-DATA: dict[str, Callable[[LosaConfig], dict[str, str]]] = {
-    "zeroshot": lambda cfg: {**_zeroshot_files(cfg), "lm_eval": _version("lm_eval"), "tasks": _task_files_hash()},
+# what else a stage reads: data files (their content hashes enter its key; test_stages checks that a stage reads no
+# file its key omits) and the libraries whose versions change its numbers
+_ALPACA = lambda cfg: (data.ALPACA,) if cfg.train_data == "alpaca" else ()  # noqa: E731 - a table of one-liners
+FILES: dict[str, Callable[[LosaConfig], tuple[str, ...]]] = {
+    "calibration": lambda cfg: (data.C4_CALIBRATION,),
+    "train_tokens": lambda cfg: (data.C4_CALIBRATION, data.C4_EXTRA),
+    "finetune": _ALPACA,
+    "lora": _ALPACA,
+    "perplexity": lambda cfg: (data.WIKITEXT2_TEST,),
+    "zeroshot": lambda cfg: tuple(f for t in cfg.zeroshot.tasks for f in data.ZEROSHOT_FILES[t][0])
+    if cfg.zeroshot.source == "local" else (),
 }
+LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "gguf")  # every stage: kernels, model code, tokenization
+MORE_LIBRARIES = {"zeroshot": ("lm_eval",), "speed": ("onnxruntime",)}
 
 
 def cache_key(stage: str, params: dict[str, Any]) -> str:
@@ -79,16 +92,13 @@ def cache_key(stage: str, params: dict[str, Any]) -> str:
     inputs["model"] = cell.model_sha256
     # a cache record is only valid for the store its Ref points into
     inputs["store"] = artifacts_url()
-    if stage in DATA:
-        inputs["data"] = DATA[stage](cell.config)
+    if stage in FILES:
+        inputs["data"] = data.files_sha256(FILES[stage](cell.config))
+    if stage == "zeroshot":
+        inputs["tasks"] = _task_files_hash()
+    inputs["libraries"] = {p: _version(p) for p in LIBRARIES + MORE_LIBRARIES.get(stage, ())}
     return stage_key(stage, f"{METHOD_VERSION}/{STAGE_VERSION}", {**{f: cfg[f] for f in FIELDS[stage]}, **own},
                      inputs)
-
-
-def _zeroshot_files(cfg: LosaConfig) -> dict[str, str]:
-    from losa import data
-
-    return data.zeroshot_sha256(cfg.zeroshot.tasks) if cfg.zeroshot.source == "local" else {}
 
 
 @functools.lru_cache(maxsize=1)
@@ -104,6 +114,7 @@ def _task_files_hash() -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=None)
 def _version(package: str) -> str:
     import importlib.metadata as md
 
@@ -174,31 +185,78 @@ def _tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _model(cell: CellSpec, state: Ref | None = None, merged_into: Ref | None = None):
-    """A fresh model holding ``state`` (a snapshot; None: the dense model), optionally with its adapter counted as
-    merged into the weights of ``merged_into`` (see :func:`losa.snapshot.restore`)."""
+def _model(cell: CellSpec, state: Ref | None = None):
+    """A fresh model holding ``state`` (None or the model Ref: the dense model)."""
     from losa.models import load_model
 
     model, _ = load_model(cell.model, device=cell.device)
-    if state is None:
-        return model
-    store = _store()
-    weights = store.tensors(merged_into)[0] if merged_into is not None else None
-    return snapshot.restore(model, *store.tensors(state), cell.config, merged_weights=weights)
+    return model if state is None or state.stage == "model" else _restore(cell, model, state)
+
+
+# A stage stores what it adds: a prune by a masking rule its mask, a SparseGPT prune its weights, a fine-tuning step
+# its adapter, a merge and a plain-LoRA merge nothing; each with the recipe (``DERIVED`` metadata: its base state and
+# what to redo on it) that rebuilds its state bit for bit from the states it was computed from.
+DERIVED = "derived"
+
+
+def _recipe(**parts) -> dict[str, str]:
+    refs = {k: v.model_dump(include={"stage", "key", "sha256"}) if isinstance(v, Ref) else v for k, v in parts.items()}
+    return {DERIVED: json.dumps(refs, sort_keys=True)}
+
+
+def _ref(part: dict | None) -> Ref | None:
+    return None if part is None else Ref(**part)
+
+
+def needs(ref: Ref, store: ArtifactStore | None = None) -> list[Ref]:
+    """The stored states that rebuilding ``ref`` reads (its recipe's refs; none for a full snapshot)."""
+    store = store or _store()
+    recipe = json.loads(store.tensors(ref)[1].get(DERIVED, "{}"))
+    return [r for r in (_ref(v) for v in recipe.values() if isinstance(v, dict)) if r is not None]
+
+
+def _restore(cell: CellSpec, model, ref: Ref):
+    """``model`` (freshly loaded, dense) made to hold the state ``ref`` stores: its snapshot, or its base state
+    rebuilt first and then what its stage added, redone exactly as the stage did it."""
+    store, cfg = _store(), cell.config
+    tensors, meta = store.tensors(ref)
+    if DERIVED not in meta:  # a full snapshot: a prune, or a masked LoSA merge (the final sparse model)
+        return snapshot.restore(model, tensors, meta, cfg)
+    recipe = json.loads(meta[DERIVED])
+    model = _restore(cell, model, _ref(recipe["base"])) if recipe["base"]["stage"] != "model" else model
+    if ref.stage == "finetune":  # the start of DSA steps 5–6 again (the previous adapter, unmerged), then the adapter
+        if (previous := _ref(recipe["previous"])) is not None:
+            model = snapshot.restore(model, *store.tensors(previous), cfg, merged=True)
+        model, _ = stages.adapt(model, cfg, recipe["ranks"])
+        return snapshot.load_adapter(model, tensors)
+    if ref.stage == "lora":  # the plain adapter on the pruned weights
+        return snapshot.restore(model, tensors, meta, cfg)
+    if ref.stage == "prune":  # a masking rule's: the base state's weights where kept
+        return snapshot.apply_kept(model, tensors)
+    if ref.stage == "merge":  # the weights only (as a plain model): the adapter lives on in the state merged
+        return stages.merge(model).unload()
+    if ref.stage == "finalize":  # a plain-LoRA merge: dense, so recomputed from the pruned weights and the adapter
+        return stages.finalize(model, recipe["patterns"])[0]
+    raise ValueError(f"no recipe for a {ref.stage} artifact")
 
 
 def load_state(cell: CellSpec, state: Ref | None):
     """(model, tokenizer) holding a stored state (None or the model Ref: the dense model)."""
-    return _model(cell, None if state is None else _snapshot(state)), _tokenizer(cell.model)
+    return _model(cell, state), _tokenizer(cell.model)
 
 
 def _ids(ref: Ref | None):
     return _store().tensors(ref)[0]["ids"] if ref is not None else None
 
 
-def _put(store: ArtifactStore, stage: str, key: str, clock, info: dict, model=None, adapter: bool = True) -> Ref:
-    tensors, meta = snapshot.snapshot(model, adapter=adapter) if model is not None else (None, None)
-    return store.put(stage, key, info, tensors, meta, seconds=clock)
+def _put(store: ArtifactStore, stage: str, key: str, clock, info: dict, model=None, adapter: bool = True,
+         weights: bool = True, recipe: dict[str, str] | None = None) -> Ref:
+    tensors, meta = snapshot.snapshot(model, adapter=adapter, weights=weights) if model is not None else ({}, {})
+    if model is None and recipe is None:
+        tensors = None
+    needs = [v.key for v in (recipe or {}).values() if isinstance(v, Ref) and v.stage != "model"]
+    return store.put(stage, key, info, tensors, {**meta, **_recipe(**recipe)} if recipe else meta, seconds=clock,
+                     needs=needs)
 
 
 def _clock():
@@ -227,30 +285,29 @@ def train_tokens(cell: CellSpec, _key: str = "", _store: ArtifactStore | None = 
     return _store.put("train_tokens", _key, {"tokens": int(ids.numel())}, {"ids": ids}, seconds=clock)
 
 
-@stage_task("dense_outputs")
-def dense_outputs(cell: CellSpec, calib: Ref, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
-    """Y^dense of every block on the calibration set (method.md §3), computed once per model and calibration."""
-    clock = _clock()
-    tensors, shape = snapshot.pack_outputs(stages.dense_outputs(_model(cell), _ids(calib), cell.config))
-    return _store.put("dense_outputs", _key, shape, tensors, seconds=clock)
-
-
 @stage_task("importance")
 def importance(cell: CellSpec, state: Ref, calib: Ref, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
     """LSR's CKA matrix and layer importances of the merged model (method.md §2)."""
     clock = _clock()
-    result = stages.importance(_model(cell, _snapshot(state)), _ids(calib), cell.config)
+    result = stages.importance(_model(cell, state), _ids(calib), cell.config)
     return _store.put("importance", _key, stages.info(result), seconds=clock)
 
 
 @stage_task("prune")
 def prune(cell: CellSpec, state: Ref, calib: Ref, reference: Ref | None, rates: list, patterns: list[str],
           _key: str = "", _store: ArtifactStore | None = None) -> Ref:
-    """Prune the state's weights block by block to ``rates``/``patterns`` (method.md §1); info = the PruneReport."""
+    """Prune the state's weights block by block to ``rates``/``patterns`` (method.md §1); info = the PruneReport.
+
+    ``reference``: the dense model (its Ref) whose block outputs L_l is measured against (method.md §3): computed
+    again block by block beside the pruning pass rather than stored (at 7B they would outweigh the final model 13×).
+    """
     clock = _clock()
-    model = _model(cell, _snapshot(state))
-    outputs = snapshot.unpack_outputs(_store.tensors(reference)[0], reference.info) if reference is not None else None
-    report = stages.prune(model, _ids(calib), cell.config, rates, patterns, outputs, progress=False)
+    model, ids = _model(cell, state), _ids(calib)
+    outputs = stages.dense_outputs(_model(cell), ids, cell.config, lazy=True) if reference is not None else None
+    report = stages.prune(model, ids, cell.config, rates, patterns, outputs, progress=False)
+    if get_rule(cell.config.pruner).masks_only:  # the pruned state is the input state where kept: store the mask
+        return _store.put("prune", _key, report.to_dict(), snapshot.kept(model), _recipe(base=state), seconds=clock,
+                          needs=[state.key] if state.stage != "model" else [])
     return _put(_store, "prune", _key, clock, report.to_dict(), model, adapter=False)
 
 
@@ -259,11 +316,13 @@ def finetune(cell: CellSpec, pruned: Ref, previous: Ref | None, tokens: Ref | No
              _key: str = "", _store: ArtifactStore | None = None) -> Ref:
     """DSA steps 5–7 (method.md §4): the adapter on the new mask with SRA's ranks, fine-tuned. At t > 1 the model
     holds ``previous``'s adapter, merged into the ``pruned`` weights (the state steps 2–4 left)."""
-    clock = _clock()
-    model = _model(cell, pruned) if previous is None else _model(cell, previous, merged_into=pruned)
-    model, trained = stages.finetune(model, _tokenizer(cell.model), cell.config, ranks, t, stream=_ids(tokens),
-                                     progress=False)
-    return _put(_store, "finetune", _key, clock, stages.info(trained), model)
+    clock, cfg = _clock(), cell.config
+    model = _model(cell, pruned)
+    if previous is not None:
+        model = snapshot.restore(model, *_store.tensors(previous), cfg, merged=True)
+    model, trained = stages.finetune(model, _tokenizer(cell.model), cfg, ranks, t, stream=_ids(tokens), progress=False)
+    return _put(_store, "finetune", _key, clock, stages.info(trained), model, weights=False,
+                recipe={"base": pruned, "previous": previous, "ranks": list(ranks)})
 
 
 @stage_task("lora")
@@ -272,23 +331,31 @@ def lora(cell: CellSpec, pruned: Ref, tokens: Ref | None, _key: str = "", _store
     clock = _clock()
     model, trained = stages.lora(_model(cell, pruned), _tokenizer(cell.model), cell.config, stream=_ids(tokens),
                                  progress=False)
-    return _put(_store, "lora", _key, clock, stages.info(trained), model)
+    return _put(_store, "lora", _key, clock, stages.info(trained), model, weights=False, recipe={"base": pruned})
 
 
 @stage_task("merge")
 def merge(cell: CellSpec, state: Ref, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
-    """DSA step 2: the adapter merged into the masked weights (weights only; the adapter lives on in ``state``)."""
+    """DSA step 2: the adapter merged into the masked weights. Stores only its recipe: the sum is redone on load."""
     clock = _clock()
-    model = stages.merge(_model(cell, state))
-    return _put(_store, "merge", _key, clock, {}, model, adapter=False)
+    return _put(_store, "merge", _key, clock, {}, recipe={"base": state})
 
 
 @stage_task("finalize")
 def finalize(cell: CellSpec, state: Ref, patterns: list[str], _key: str = "",
              _store: ArtifactStore | None = None) -> Ref:
-    """Merge and unload; a masked adapter's merge is verified (raises MergeVerificationError, nothing stored)."""
-    clock = _clock()
-    model, result = stages.finalize(_model(cell, state), patterns)
+    """Merge and unload; a masked adapter's merge is verified (raises MergeVerificationError, nothing stored).
+
+    A masked merge is the final sparse model: stored. A plain LoRA's merge is dense (its update has no mask): stored as
+    its recipe, the pruned weights and the adapter it is the sum of."""
+    from losa.adapter import masked_layers
+
+    clock, model = _clock(), _model(cell, state)
+    plain = not list(masked_layers(model))
+    model, result = stages.finalize(model, patterns)
+    if plain:
+        return _put(_store, "finalize", _key, clock, stages.info(result), recipe={"base": state,
+                                                                               "patterns": list(patterns)})
     return _put(_store, "finalize", _key, clock, stages.info(result), model, adapter=False)
 
 
@@ -296,7 +363,7 @@ def finalize(cell: CellSpec, state: Ref, patterns: list[str], _key: str = "",
 def perplexity(cell: CellSpec, state: Ref, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
     """WikiText-2 perplexity of the state (with its adapter, if it has one)."""
     clock = _clock()
-    ppl = stages.perplexity(_model(cell, _snapshot(state)), _tokenizer(cell.model), cell.config, progress=False)
+    ppl = stages.perplexity(_model(cell, state), _tokenizer(cell.model), cell.config, progress=False)
     return _store.put("perplexity", _key, {"ppl": ppl}, seconds=clock)
 
 
@@ -304,7 +371,7 @@ def perplexity(cell: CellSpec, state: Ref, _key: str = "", _store: ArtifactStore
 def zeroshot(cell: CellSpec, state: Ref, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
     """Zero-shot accuracy of the state through lm-eval (method.md §6); info = task -> lm-eval's numbers."""
     clock = _clock()
-    model = _model(cell, _snapshot(state))
+    model = _model(cell, state)
     result = stages.zero_shot(model, _tokenizer(cell.model), cell.config)
     return _store.put("zeroshot", _key, stages.jsonable(result), seconds=clock)
 
@@ -313,7 +380,7 @@ def zeroshot(cell: CellSpec, state: Ref, _key: str = "", _store: ArtifactStore |
 def export(cell: CellSpec, state: Ref, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
     """The state's compact sparse form (method.md §6; ``losa export`` writes it out as folders); info = its bytes."""
     clock = _clock()
-    tensors, sizes = stages.sparse_form(_model(cell, _snapshot(state)), cell.config)
+    tensors, sizes = stages.sparse_form(_model(cell, state), cell.config)
     return _store.put("export", _key, sizes, tensors, seconds=clock)
 
 
@@ -321,14 +388,10 @@ def export(cell: CellSpec, state: Ref, _key: str = "", _store: ArtifactStore | N
 def speed(cell: CellSpec, state: Ref, dense: Ref, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
     """Prefill/decode latency of the state and of the dense model per engine (method.md §6); measured once."""
     clock = _clock()
-    result = stages.speed(_model(cell, _snapshot(state)), _model(cell), cell.config, workdir=state_dir())
+    result = stages.speed(_model(cell, state), _model(cell), cell.config, workdir=state_dir())
     return _store.put("speed", _key, stages.jsonable(result), seconds=clock)
 
 
 def model_ref(cell: CellSpec) -> Ref:
     """The dense model as a stage input: its content hash (the root of every key)."""
     return Ref(stage="model", key=cell.model_sha256, sha256=cell.model_sha256, info={"path": cell.model})
-
-
-def _snapshot(state: Ref) -> Ref | None:
-    return None if state.stage == "model" else state

@@ -115,6 +115,18 @@ class ArtifactStore:
             return None
         return Ref(stage=manifest["stage"], key=key, sha256=manifest["sha256"], info=manifest["info"])
 
+    def closure(self, keys) -> set[str]:
+        """``keys`` and every artifact that reading them reads, transitively (manifests' ``needs``)."""
+        seen, todo = set(), list(keys)
+        while todo:
+            key = todo.pop()
+            if key in seen:
+                continue
+            seen.add(key)
+            manifest = self.manifest(key)
+            todo.extend(manifest.get("needs", []) if manifest else [])
+        return seen
+
     def size(self, key: str) -> int:
         """Bytes on disk of an artifact (manifest and tensors)."""
         return sum(self.fs.size(p) for p in self.fs.find(self._dir(key)))
@@ -157,10 +169,12 @@ class ArtifactStore:
         return bad
 
     def put(self, stage: str, key: str, info: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None,
-            metadata: Mapping[str, str] | None = None, seconds: float | Callable[[], float] | None = None) -> Ref:
+            metadata: Mapping[str, str] | None = None, seconds: float | Callable[[], float] | None = None,
+            needs: list[str] = ()) -> Ref:
         """Store an artifact; tensors are written first, the manifest commits it. Logs the computation.
 
         ``seconds``: the stage's time, or a clock read after the tensors are written (writing is part of a stage).
+        ``needs``: the keys of the artifacts that reading this one also reads (an adapter's base state, ...).
         """
         self.fs.makedirs(self._dir(key), exist_ok=True)
         info = json.loads(json.dumps(dict(info)))  # JSON types only (tuples -> lists), as a reader will see them
@@ -168,7 +182,7 @@ class ArtifactStore:
         if tensors is not None:
             packed, encoded = encode({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
             meta = dict(metadata or {})
-            if encoded:  # one metadata key: safetensors writes several in a per-process random order (not bit-stable)
+            if encoded or len(meta) > 1:  # one key: safetensors writes several in a per-process random order
                 meta = {ENCODED: json.dumps({"metadata": meta, "encoded": encoded}, sort_keys=True)}
             payload = st_save(packed, meta)
             sha, size = hashlib.sha256(payload).hexdigest(), len(payload)
@@ -178,7 +192,7 @@ class ArtifactStore:
         if callable(seconds):
             seconds = seconds()
         manifest = {"stage": stage, "key": key, "sha256": sha, "info": info, "has_tensors": tensors is not None,
-                    "bytes": size, "created": time.time(), "seconds": seconds}
+                    "bytes": size, "created": time.time(), "seconds": seconds, "needs": list(needs)}
         manifest["checksum"] = digest(manifest)
         self._write(f"{self._dir(key)}/manifest.json", json.dumps(manifest, indent=1).encode())
         with self.fs.open(f"{self.root}/computed.jsonl", "ab") as f:  # what actually ran, for the benchmarks

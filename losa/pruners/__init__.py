@@ -26,11 +26,14 @@ class Rule:
 
     ``statistic``: ``None``, ``"act_sq"`` (sum over tokens of x_j^2, shape (d_in,)) or ``"hessian"`` (2 X X^T / n).
     ``prune(weight, statistic, sparsity, pattern, info) -> (new_weight, mask)``; ``info`` collects diagnostics.
+    ``masks_only``: the new weight is the old one where the mask keeps it, exactly 0 elsewhere (no weight update, as
+    SparseGPT's is): a pruned state is then its input state plus the mask.
     """
 
     name: str
     statistic: str | None
     prune: Callable[[torch.Tensor, torch.Tensor | None, float, Pattern, dict], tuple[torch.Tensor, torch.Tensor]]
+    masks_only: bool = True
 
 
 def _masked(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +43,8 @@ def _masked(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, tor
 METHODS: dict[str, Rule] = {
     "magnitude": Rule("magnitude", None, lambda w, s, sp, p, info: _masked(w, magnitude_mask(w, sp, p))),
     "wanda": Rule("wanda", "act_sq", lambda w, s, sp, p, info: _masked(w, wanda_mask(w, s, sp, p))),
-    "sparsegpt": Rule("sparsegpt", "hessian", lambda w, s, sp, p, info: sparsegpt_prune(w, s, sp, p, stats=info)),
+    "sparsegpt": Rule("sparsegpt", "hessian", lambda w, s, sp, p, info: sparsegpt_prune(w, s, sp, p, stats=info),
+                      masks_only=False),
 }
 
 

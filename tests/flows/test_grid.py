@@ -175,7 +175,7 @@ def test_shared_prefixes_are_computed_once(first):
     from flows.cell import cell_spec
 
     stages = Counter(c["stage"] for c in first.computed)
-    assert stages["calibration"] == 1 and stages["dense_outputs"] == 1 and stages["train_tokens"] == 1
+    assert stages["calibration"] == 1 and stages["train_tokens"] == 1 and "dense_outputs" not in stages
     # no artifact was ever written twice
     assert [k for k, n in Counter(c["key"] for c in first.computed).items() if n > 1] == []
     methods = by_method(first.grid)
@@ -211,7 +211,7 @@ def test_the_cell_flow_hands_drive_its_task_executor(first, monkeypatch):
     monkeypatch.setattr(TaskStages, "_call", spy_call)
     row = losa_cell(str(first.path), by_method(first.grid)["losa"].id)
     assert executors == [TaskStages] and row["stages_computed"] == 0  # everything cached by the first run
-    assert tasks == ["calibration", "train_tokens", "dense_outputs", "importance", "prune", "finetune",  # t = 1
+    assert tasks == ["calibration", "train_tokens", "importance", "prune", "finetune",  # t = 1
                      "merge", "importance", "prune", "finetune",  # t = 2
                      "finalize", "perplexity"]
 
@@ -298,7 +298,7 @@ def test_failed_cell_fails_the_grid_and_rerun_resumes(losa_env, tmp_path, monkey
     assert list(parent.status) == ["FAILED"] and parent["metrics.cells_failed"].iloc[0] == 1
     failed_run = ArtifactStore().computed()
     done = {c["key"] for c in failed_run}
-    assert {"calibration", "dense_outputs", "importance", "prune"} <= {c["stage"] for c in failed_run}
+    assert {"calibration", "importance", "prune"} <= {c["stage"] for c in failed_run}
     assert "finetune" not in {c["stage"] for c in failed_run}
 
     state = losa_grid(str(path), return_state=True)
@@ -450,13 +450,13 @@ def test_kills_inside_stages_restart_unattended_with_identical_results(first, lo
                                                          str(tmp_path))).read_text())
     assert parent.info.status == "FINISHED" and [x["status"] for x in launches] == ["KILLED"] * 3 + ["FINISHED"]
 
-    # corruption: a byte flipped in the LoSA cell's final model, a truncated dense-outputs file
+    # corruption: a byte flipped in the LoSA cell's final model, a truncated calibration file
     from tasks.store import ArtifactStore
 
     store = ArtifactStore(state / "artifacts")
     manifests = {k: store.manifest(k) for k in store.keys()}
     final = next(k for k, m in manifests.items() if m["stage"] == "finalize")
-    dense = next(k for k, m in manifests.items() if m["stage"] == "dense_outputs")
+    dense = next(k for k, m in manifests.items() if m["stage"] == "calibration")
     flip = Path(store._dir(final)) / "tensors.safetensors"
     payload = bytearray(flip.read_bytes())
     payload[len(payload) // 2] ^= 0x01
@@ -520,9 +520,13 @@ def test_optional_stages_run_cached_log_and_fill_table2(losa_env, tmp_path, monk
     spec = next(c for c in load_grid(path).cells() if c.config.method == "pruned")
     from flows.cell import cell_spec
 
+    from losa.snapshot import snapshot
+    from tasks.stages import load_state
+
     refs = {r.stage: r for r in stage_refs(cell_spec(spec, as_task=False))}
     weights = dense_state_dict(store.tensors(refs["export"])[0])
-    pruned = {k: v for k, v in store.tensors(refs["prune"])[0].items() if k.startswith("w.")}  # w.<block>.<name>
+    model = load_state(cell_spec(spec, as_task=False), refs["prune"])[0]  # the stored mask on the dense weights
+    pruned = {k: v for k, v in snapshot(model, adapter=False)[0].items() if k.startswith("w.")}  # w.<block>.<name>
     assert pruned and refs["export"].info["nnz"] == sum(int((w != 0).sum()) for w in pruned.values())
     for key, w in pruned.items():
         block, name = key[2:].split(".", 1)
@@ -596,18 +600,19 @@ def test_export_writes_a_loadable_folder_and_an_exact_sparse_form(first, tmp_pat
 
 
 def test_disk_formula_matches_what_a_losa_cell_writes(first):
-    """flows.preflight.cell_disk (the resource guard's disk need) against the bytes the micro LoSA cell stored."""
+    """flows.preflight.cell_disk (the resource guard's disk need) against the bytes the micro grid's + LoRA and LoSA
+    cells stored (Wanda: masks, adapters, recipes, LoSA's final sparse model)."""
     from flows.cell import cell_spec
     from flows.preflight import cell_disk, model_shape
-    from tasks.store import ArtifactStore
 
-    store = ArtifactStore()
-    spec = cell_spec(by_method(first.grid)["losa"], as_task=False)
-    written = {r.key: store.size(r.key) for r in stage_refs(spec)
-               if r.stage in ("prune", "finetune", "merge", "finalize", "dense_outputs")}
-    estimate = cell_disk(model_shape(spec.model), spec.config)
-    assert len(written) == 3 * spec.config.steps + 1
-    assert abs(estimate - sum(written.values())) / sum(written.values()) < 0.05, (estimate, sum(written.values()))
+    wrote = {c["key"]: c["bytes"] for c in first.computed}
+    for method, count in (("lora", 3), ("losa", 3 * 2)):
+        spec = cell_spec(by_method(first.grid)[method], as_task=False)
+        written = {r.key: wrote[r.key] for r in stage_refs(spec) if r.stage in ("prune", "finetune", "lora", "merge",
+                                                                                "finalize")}
+        estimate = cell_disk(model_shape(spec.model), spec.config)
+        assert len(written) == count, (method, written)
+        assert abs(estimate - sum(written.values())) / sum(written.values()) < 0.05, (method, estimate, written)
 
 
 def test_two_launches_at_once_on_a_fresh_state_folder(tmp_path):
