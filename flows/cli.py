@@ -343,10 +343,11 @@ def _gc(args) -> int:
             continue
         grids.append(grid)
     before = store_bytes()
-    dropped, freed = apply(grids, args.retain, dry_run=args.dry_run)
+    dropped, freed = apply(grids, args.retain, dry_run=args.dry_run, orphans=args.orphans)
     verb = "would free" if args.dry_run else "freed"
+    what = "intermediate snapshots and artifacts no cell reaches" if args.orphans else "intermediate snapshots"
     print(f"store: {before / 2**30:.2f} GiB; retain={args.retain} over {len(grids)} grids: {len(dropped)} "
-          f"intermediate snapshots, {verb} {sum(dropped.values()) / 2**30:.2f} GiB")
+          f"{what}, {verb} {sum(dropped.values()) / 2**30:.2f} GiB")
     return 0
 
 
@@ -567,6 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--retain", choices=("shared", "final"), default="shared",
                     help="'shared': keep snapshots two cells use; 'final': keep only each cell's final model")
     gc.add_argument("--dry-run", action="store_true", help="only report what would be freed")
+    gc.add_argument("--orphans", action="store_true",
+                    help="also drop what no cell of these grids reaches (e.g. artifacts under keys an upgrade moved)")
     gc.set_defaults(func=_gc)
 
     ex = sub.add_parser("export", help="a finished cell's model as a Hugging Face folder and its sparse-bitmask form")

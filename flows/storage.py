@@ -35,11 +35,15 @@ def survey(grids: Iterable[Grid], store: ArtifactStore | None = None):
     return finished, pending
 
 
-def apply(grids: Iterable[Grid], retain: retention.Retain, dry_run: bool = False) -> tuple[dict[str, int], int]:
-    """Plan (and unless ``dry_run`` carry out) the retention policy over ``grids``: (dropped {key: bytes}, freed)."""
+def apply(grids: Iterable[Grid], retain: retention.Retain, dry_run: bool = False,
+          orphans: bool = False) -> tuple[dict[str, int], int]:
+    """Plan (and unless ``dry_run`` carry out) the retention policy over ``grids``: (dropped {key: bytes}, freed).
+    ``orphans``: also drop every artifact no cell of ``grids`` reaches (:func:`tasks.retention.orphans`)."""
     store = ArtifactStore()
     finished, pending = survey(list(grids), store)
     drop = retention.plan(store, finished, pending, retain)
+    if orphans:
+        drop |= retention.orphans(store, finished, pending)
     return drop, (0 if dry_run else retention.collect(store, drop))
 
 

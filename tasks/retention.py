@@ -92,6 +92,16 @@ def plan(store: ArtifactStore, finished: Mapping[str, Ref], pending: Mapping[str
     return drop
 
 
+def orphans(store: ArtifactStore, finished: Mapping[str, Ref], pending: Mapping[str, list[str]]) -> dict[str, int]:
+    """Artifacts no cell of the surveyed grids reaches ({key: bytes}): neither a finished cell's record, stages or
+    final (with what it is rebuilt from) nor an unfinished cell's cached prefix. E.g. everything stored under an
+    earlier stage version or library version (their keys moved), or by grids that no longer exist."""
+    reached = {record_key(k) for k in finished} | {k for rec in finished.values() for k in rec.info["stages"]}
+    reached |= {k for keys in pending.values() for k in keys}
+    reached = store.closure(reached | {rec.info["final"] for rec in finished.values() if rec.info["final"]})
+    return {key: store.size(key) for key in store.keys() if key not in reached}
+
+
 def collect(store: ArtifactStore, drop: Mapping[str, int]) -> int:
     """Delete the planned artifacts; bytes freed."""
     for key in drop:

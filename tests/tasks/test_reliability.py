@@ -156,6 +156,16 @@ def test_retention_plans_keep_finals_shared_and_pending(tmp_path):
         {keys["c"], keys["z"], keys["q"], keys["s"]}  # calibration kept; "s" belongs to no cell
     with pytest.raises(ValueError, match="retain must be one of"):
         retention.plan(store, finished, {}, "none")
+    # orphans: "s" belongs to no cell; a final stored as a recipe keeps what it is rebuilt from
+    assert set(retention.orphans(store, finished, {})) == {keys["s"]}
+    base = store.put("lora", "l" * 64, {}, t, needs=[keys["s"]])
+    recipe = store.put("finalize", "r" * 64, {}, {}, needs=[base.key])
+    c = retention.record_cell(store, "cellC", refs("c") + [base, recipe], "run-c")
+    assert c.info["final"] == recipe.key and retention.orphans(store, {**finished, "cellC": c}, {}) == {}
+    assert retention.plan(store, {"cellC": c}, {}, "final") == {}  # the final's base (and its base) stay
+    assert retention.done(store, "cellC") is not None
+    store.delete(keys["s"])  # what the final is rebuilt from is gone: the cell has to run again
+    assert retention.done(store, "cellC") is None
 
 
 # --------------------------------------------------------------------------------------------- divergence

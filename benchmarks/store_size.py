@@ -1,0 +1,94 @@
+"""What a grid stores: the disk formula (flows.preflight.cell_disk) against the bytes each finished cell wrote, the
+store's total written and kept after retention, and the formula's figures for a LLaMA-2-7B cell.
+
+Reads the state folder of a grid that has run (``losa grid <grid>``): every finished cell's record lists the keys
+of the stages it read or wrote, the store's log (``computed.jsonl``) the bytes each artifact had when written.
+
+    .venv/bin/python benchmarks/store_size.py testbed [--out docs/store-size.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SNAPSHOTS = ("prune", "finetune", "lora", "merge", "finalize")
+
+
+def llama2_7b():
+    """LLaMA-2-7B's shape (its config.json: hidden 4096, FFN 11008, 32 layers and heads, vocab 32000, untied), fp16."""
+    from flows.preflight import Shape
+
+    h, i, layers, vocab = 4096, 11008, 32, 32000
+    per_layer = 4 * h * h + 3 * h * i
+    return Shape(hidden=h, intermediate=i, attn_out_in=h, layers=layers, vocab=vocab, context=4096,
+                 params=layers * per_layer + 2 * vocab * h, linear_params=layers * per_layer,
+                 linear_io=layers * (4 * 2 * h + 3 * (h + i)), dtype_bytes=2)
+
+
+def final_bytes(shape, sparsity: float) -> float:
+    """The final sparse model: the prunable linears' non-zeros + bitmask + row offsets, the rest dense."""
+    rows = shape.layers * (3 * shape.hidden + shape.attn_out_in + 3 * shape.intermediate)
+    prunable = shape.linear_params * ((1 - sparsity) * shape.dtype_bytes + 1 / 8) + 8 * rows
+    return prunable + (shape.params - shape.linear_params) * shape.dtype_bytes
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("grid")
+    p.add_argument("--out", help="also write the report (markdown) here")
+    args = p.parse_args()
+
+    from flows.cell import cell_key, cell_spec
+    from flows.preflight import cell_disk, model_shape
+    from flows.spec import load_grid
+    from flows.storage import store_bytes
+    from losa.config import LosaConfig
+    from tasks import retention
+    from tasks.store import ArtifactStore
+
+    grid, store = load_grid(args.grid), ArtifactStore()
+    wrote = {c["key"]: (c["stage"], c["bytes"]) for c in store.computed()}
+    lines = [f"# What the `{grid.name}` grid stores", "",
+             f"<!-- generated: .venv/bin/losa grid {args.grid} (on a fresh LOSA_HOME), then "
+             f".venv/bin/python benchmarks/store_size.py {args.grid} --out <this file> -->", "",
+             "Per finished cell: `flows.preflight.cell_disk` (the formula) against the bytes its prune, fine-tuning, "
+             "merge and final artifacts had when written (artifacts shared with another cell counted for each).", "",
+             "| cell | formula (MiB) | written (MiB) | formula / written |", "| --- | ---: | ---: | ---: |"]
+    worst = 0.0
+    for cell in grid.cells():
+        spec = cell_spec(cell, as_task=False)
+        record = retention.cell_record(store, cell_key(spec))
+        if record is None or cell.config.method == "dense":
+            continue
+        written = sum(wrote[k][1] for k in record.info["stages"] if k in wrote and wrote[k][0] in SNAPSHOTS)
+        formula = cell_disk(model_shape(spec.model), spec.config)
+        worst = max(worst, abs(formula / written - 1))
+        lines.append(f"| {cell.describe()} | {formula / 2**20:.2f} | {written / 2**20:.2f} | {formula / written:.3f} |")
+    total = sum(b for _, b in wrote.values())
+    kept = store_bytes(store)
+    lines += ["", f"Largest formula error: {worst:.1%}.", "",
+              f"Store: {total / 2**20:,.1f} MiB written by the grid's stage computations, "
+              f"{kept / 2**20:,.1f} MiB kept after retention.", "",
+              "## LLaMA-2-7B, fp16 (the formula)", "",
+              "A cell's peak is everything it writes (retention drops intermediates once it has finished).", "",
+              "| cell | writes (GB) | final sparse model (GB) | peak / final |", "| --- | ---: | ---: | ---: |"]
+    shape = llama2_7b()
+    for pruner in ("wanda", "sparsegpt"):
+        for method in ("pruned", "lora", "losa"):
+            cfg = LosaConfig(method=method, pruner=pruner, sparsity=0.7, steps=5)
+            disk, final = cell_disk(shape, cfg), final_bytes(shape, 0.7)
+            lines.append(f"| {method} {pruner} 70% T=5 | {disk / 1e9:.2f} | {final / 1e9:.2f} | {disk / final:.2f}x |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
