@@ -332,7 +332,7 @@ def _gc(args) -> int:
     from flows.storage import apply, store_bytes
 
     names = args.grids or sorted(p.stem for p in GRIDS_DIR.glob("*.yaml"))
-    grids = []
+    grids, skipped = [], []
     for name in names:
         grid = _grid_or_exit(name, "gc")
         try:
@@ -340,8 +340,14 @@ def _gc(args) -> int:
                 _resolve_model_quietly(cell)
         except (FileNotFoundError, OSError, ValueError) as err:
             print(f"losa gc: skipping grid {grid.name}: its model is not available here ({err})")
+            skipped.append(grid.name)
             continue
         grids.append(grid)
+    if args.orphans and skipped and not args.grids:
+        # what a skipped grid reaches cannot be told here: its artifacts would count as orphans
+        raise SystemExit(f"losa gc --orphans: cannot tell what {', '.join(skipped)} reach (model not here), so their "
+                         "artifacts would count as orphans; name the grids whose artifacts to keep: "
+                         "losa gc --orphans <grid> ...")
     before = store_bytes()
     dropped, freed = apply(grids, args.retain, dry_run=args.dry_run, orphans=args.orphans)
     verb = "would free" if args.dry_run else "freed"
