@@ -3,9 +3,12 @@
 
 Every task's cache key (:func:`cache_key`) holds the stage name and version, the config fields the stage reads, its
 own parameters, the content hashes of its input artifacts and of the data files it reads, and the versions of the
-libraries that compute it. The same key addresses the artifact store, so a
-stage whose artifact exists is never recomputed. SERIALIZABLE isolation (a file lock per key, tied to a live holder:
-:mod:`tasks.locks`) makes concurrent cells that need the same stage wait for one computation instead of racing.
+libraries that compute it. The same key addresses the artifact store, so a stage whose artifact exists is never
+recomputed. SERIALIZABLE isolation (a file lock per key, tied to a live holder: :mod:`tasks.locks`) makes concurrent
+cells that need the same stage wait for one computation instead of racing.
+
+A stage stores what it adds to the state it started from (a mask, an adapter, or only a recipe), and a stored state
+is rebuilt by redoing that on the states it refers to (:func:`_restore`), bit for bit.
 
 The artifact store, not Prefect's result record, decides a cache hit: every task body looks its key up in the store
 (whose manifests are checked, :mod:`tasks.store`), so an artifact removed as corrupt is rebuilt instead of being
@@ -206,13 +209,6 @@ def _recipe(**parts) -> dict[str, str]:
 
 def _ref(part: dict | None) -> Ref | None:
     return None if part is None else Ref(**part)
-
-
-def needs(ref: Ref, store: ArtifactStore | None = None) -> list[Ref]:
-    """The stored states that rebuilding ``ref`` reads (its recipe's refs; none for a full snapshot)."""
-    store = store or _store()
-    recipe = json.loads(store.tensors(ref)[1].get(DERIVED, "{}"))
-    return [r for r in (_ref(v) for v in recipe.values() if isinstance(v, dict)) if r is not None]
 
 
 def _restore(cell: CellSpec, model, ref: Ref):
