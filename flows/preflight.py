@@ -83,7 +83,8 @@ def cell_memory(shape: Shape, cfg: LosaConfig) -> dict[str, int]:
         # the masked update's full-size product per linear (method.md §4), LoRA state (tiny)
         train = tokens * (shape.layers * (12 * shape.hidden + 3 * shape.intermediate) + 3 * shape.vocab) * f + \
             2 * shape.hidden * max(shape.intermediate, shape.hidden) * f
-    return {"weights (model + restored state, or + the dense model beside a prune)": 2 * shape.weight_bytes, "pruning": block_acts + calib + gram,
+    return {"weights (the model and a restored state, or the dense model beside a prune)": 2 * shape.weight_bytes,
+            "pruning": block_acts + calib + gram,
             "dense outputs": dense_outputs, "fine-tuning": train}
 
 

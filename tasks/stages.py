@@ -297,9 +297,15 @@ def prune(cell: CellSpec, state: Ref, calib: Ref, reference: Ref | None, rates: 
     ``reference``: the dense model (its Ref) whose block outputs L_l is measured against (method.md §3): computed
     again block by block beside the pruning pass rather than stored (at 7B they would outweigh the final model 13×).
     """
+    from losa.models import load_model
+
     clock = _clock()
     model, ids = _model(cell, state), _ids(calib)
-    outputs = stages.dense_outputs(_model(cell), ids, cell.config, lazy=True) if reference is not None else None
+    outputs = None
+    if reference is not None:  # the dense model waits in host memory; its blocks visit the compute device in turn
+        weight = next(model.parameters())
+        dense, _ = load_model(cell.model, device="cpu", dtype=weight.dtype)
+        outputs = stages.dense_outputs(dense, ids, cell.config, device=weight.device, lazy=True)
     report = stages.prune(model, ids, cell.config, rates, patterns, outputs, progress=False)
     if get_rule(cell.config.pruner).masks_only:  # the pruned state is the input state where kept: store the mask
         return _store.put("prune", _key, report.to_dict(), snapshot.kept(model), _recipe(base=state), seconds=clock,
