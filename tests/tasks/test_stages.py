@@ -259,6 +259,14 @@ def test_a_recipe_restores_its_state_bit_for_bit(tmp_path, monkeypatch):
     assert all(torch.equal(layer.sparsity_mask["default"], masks[(b, n)]) for b, n, layer in masked_layers(restored))
     same(snapshot(T._model(spec, merged), adapter=False)[0], want_merged)
     same(snapshot(T._model(spec, pruned2), adapter=False)[0], want_pruned2)
+    # SparseGPT updates the weights it keeps: its prune stores them (non-zeros + bitmask), restored bit for bit
+    sgpt = spec.model_copy(update={"config": cfg.model_copy(update={"pruner": "sparsegpt"})})
+    full = T.prune.fn(cell=sgpt, state=dense, calib=calib, reference=dense, rates=[0.5] * 6,
+                      patterns=["unstructured"] * 6)
+    model = T._model(sgpt)
+    stages.prune(model, T._ids(calib), sgpt.config, [0.5] * 6, ["unstructured"] * 6, None)
+    assert {k[:2] for k in ArtifactStore().tensors(full)[0] if k != "rng.cpu"} == {"w."}  # weights, not a mask
+    same(snapshot(T._model(sgpt, full), adapter=False)[0], copy(snapshot(model, adapter=False)))
     sizes = {r.stage: ArtifactStore().size(r.key) for r in (pruned, step1, merged)}
     weights = sum(v.numel() * v.element_size() for k, v in want_pruned.items() if k.startswith("w."))
     assert sizes["prune"] < weights / 25 and sizes["finetune"] < weights / 4 and sizes["merge"] < 4096, sizes
