@@ -46,34 +46,34 @@ def main() -> int:
     from flows.cell import cell_key, cell_spec
     from flows.preflight import cell_disk, model_shape
     from flows.spec import load_grid
-    from flows.storage import store_bytes
     from losa.config import LosaConfig
     from tasks import retention
     from tasks.store import ArtifactStore
 
     grid, store = load_grid(args.grid), ArtifactStore()
-    wrote = {c["key"]: (c["stage"], c["bytes"]) for c in store.computed()}
+    wrote = {c["key"]: (c["stage"], c.get("bytes", 0)) for c in store.computed()}
     lines = [f"# What the `{grid.name}` grid stores", "",
-             f"<!-- generated: .venv/bin/losa grid {args.grid} (on a fresh LOSA_HOME), then "
+             f"<!-- generated: .venv/bin/losa grid {args.grid}, then "
              f".venv/bin/python benchmarks/store_size.py {args.grid} --out <this file> -->", "",
              "Per finished cell: `flows.preflight.cell_disk` (the formula) against the bytes its prune, fine-tuning, "
              "merge and final artifacts had when written (artifacts shared with another cell counted for each).", "",
              "| cell | formula (MiB) | written (MiB) | formula / written |", "| --- | ---: | ---: | ---: |"]
-    worst = 0.0
+    worst, reached = 0.0, set()
     for cell in grid.cells():
         spec = cell_spec(cell, as_task=False)
         record = retention.cell_record(store, cell_key(spec))
         if record is None or cell.config.method == "dense":
             continue
+        reached |= set(record.info["stages"])
         written = sum(wrote[k][1] for k in record.info["stages"] if k in wrote and wrote[k][0] in SNAPSHOTS)
         formula = cell_disk(model_shape(spec.model), spec.config)
         worst = max(worst, abs(formula / written - 1))
         lines.append(f"| {cell.describe()} | {formula / 2**20:.2f} | {written / 2**20:.2f} | {formula / written:.3f} |")
-    total = sum(b for _, b in wrote.values())
-    kept = store_bytes(store)
+    total = sum(wrote[k][1] for k in reached if k in wrote)
+    kept = sum(store.size(k) for k in store.closure(reached) if store.get(k) is not None)
     lines += ["", f"Largest formula error: {worst:.1%}.", "",
-              f"Store: {total / 2**20:,.1f} MiB written by the grid's stage computations, "
-              f"{kept / 2**20:,.1f} MiB kept after retention.", "",
+              f"Store: {total / 2**20:,.1f} MiB written by the stages of the grid's cells, "
+              f"{kept / 2**20:,.1f} MiB of them kept after retention.", "",
               "## LLaMA-2-7B, fp16 (the formula)", "",
               "A cell's peak is everything it writes (retention drops intermediates once it has finished).", "",
               "| cell | writes (GB) | final sparse model (GB) | peak / final |", "| --- | ---: | ---: | ---: |"]
