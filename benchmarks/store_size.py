@@ -21,20 +21,20 @@ SNAPSHOTS = ("prune", "finetune", "lora", "merge", "finalize")
 
 def llama2_7b():
     """LLaMA-2-7B's shape (its config.json: hidden 4096, FFN 11008, 32 layers and heads, vocab 32000, untied), fp16."""
-    from flows.preflight import Shape
+    from transformers import LlamaConfig
 
-    h, i, layers, vocab = 4096, 11008, 32, 32000
-    per_layer = 4 * h * h + 3 * h * i
-    return Shape(hidden=h, intermediate=i, attn_out_in=h, layers=layers, vocab=vocab, context=4096,
-                 params=layers * per_layer + 2 * vocab * h, linear_params=layers * per_layer,
-                 linear_io=layers * (4 * 2 * h + 3 * (h + i)), dtype_bytes=2)
+    from flows.preflight import config_shape
+
+    return config_shape(LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                    num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                                    max_position_embeddings=4096, tie_word_embeddings=False), dtype_bytes=2)
 
 
 def final_bytes(shape, sparsity: float) -> float:
-    """The final sparse model: the prunable linears' non-zeros + bitmask + row offsets, the rest dense."""
-    rows = shape.layers * (3 * shape.hidden + shape.attn_out_in + 3 * shape.intermediate)
-    prunable = shape.linear_params * ((1 - sparsity) * shape.dtype_bytes + 1 / 8) + 8 * rows
-    return prunable + (shape.params - shape.linear_params) * shape.dtype_bytes
+    """The final sparse model: the prunable linears in the compact form, the rest dense."""
+    from flows.preflight import sparse_bytes
+
+    return sparse_bytes(shape, sparsity) + (shape.params - shape.linear_params) * shape.dtype_bytes
 
 
 def main() -> int:

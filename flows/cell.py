@@ -152,7 +152,7 @@ def cell_spec(cell: Cell, as_task: bool = True) -> CellSpec:
 def cell_key(spec: CellSpec) -> str:
     """A cell's identity: model, settings, code versions and the versions of the libraries that compute it (a
     finished cell is not reused under another torch, as no stage of it would be)."""
-    libraries = ",".join(f"{p}={T._version(p)}" for p in T.LIBRARIES)
+    libraries = ",".join(f"{p}={v}" for p, v in T.library_versions().items())
     return tracking.cell_key(spec.model_sha256, spec.config.identity(), f"{METHOD_VERSION}/{STAGE_VERSION}/{libraries}")
 
 

@@ -35,7 +35,7 @@ class Shape:
     context: int | None
     params: int
     linear_params: int  # the prunable block linears: what a snapshot stores
-    linear_io: int = 0  # sum over one block's prunable linears of d_in + d_out: an adapter's A/B per unit of rank
+    linear_io: int  # sum over the prunable linears of d_in + d_out: an adapter's A/B per unit of rank
     dtype_bytes: int = 4  # losa loads weights in fp32 on CPU (losa.models.load_model)
 
     @property
@@ -52,7 +52,11 @@ def model_shape(path: str) -> Shape:
     """Read a model folder's config (no weights loaded)."""
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(path)
+    return config_shape(AutoConfig.from_pretrained(path))
+
+
+def config_shape(cfg, dtype_bytes: int = 4) -> Shape:
+    """The :class:`Shape` of a transformers model config."""
     hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
     inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim", 4 * hidden)
     heads = cfg.num_attention_heads
@@ -65,7 +69,7 @@ def model_shape(path: str) -> Shape:
     embed = cfg.vocab_size * hidden * (1 if getattr(cfg, "tie_word_embeddings", False) else 2)
     return Shape(hidden=hidden, intermediate=inter, attn_out_in=heads * head_dim, layers=layers, vocab=cfg.vocab_size,
                  context=getattr(cfg, "max_position_embeddings", None), params=layers * (attn + mlp) + embed,
-                 linear_params=layers * (attn + mlp), linear_io=layers * io)
+                 linear_params=layers * (attn + mlp), linear_io=layers * io, dtype_bytes=dtype_bytes)
 
 
 def cell_memory(shape: Shape, cfg: LosaConfig) -> dict[str, int]:
@@ -100,17 +104,11 @@ def cell_disk(shape: Shape, cfg: LosaConfig) -> int:
     from losa.pruners import get_rule
     from losa.schedule import cubic_sparsity
 
-    b, p = shape.dtype_bytes, shape.linear_params
-    rows = shape.layers * (3 * shape.hidden + shape.attn_out_in + 3 * shape.intermediate)  # q,k,v-ish, o, MLP
-
-    def snap(sparsity: float) -> float:
-        return min(p * b, p * ((1 - sparsity) * b + 1 / 8) + 8 * rows)
-
     def prune(sparsity: float) -> float:
-        return p / 8 if get_rule(cfg.pruner).masks_only else snap(sparsity)
+        return shape.linear_params / 8 if get_rule(cfg.pruner).masks_only else sparse_bytes(shape, sparsity)
 
     def adapter(rank: int) -> float:
-        return 4 * rank * (shape.linear_io or 2 * 7 * (shape.hidden + shape.intermediate) * shape.layers)
+        return 4 * rank * shape.linear_io
 
     if cfg.method == "dense":
         return 0
@@ -120,7 +118,15 @@ def cell_disk(shape: Shape, cfg: LosaConfig) -> int:
         return int(prune(cfg.sparsity) + adapter(cfg.lora_rank))
     steps = cfg.effective_steps
     thetas = [cubic_sparsity(cfg.sparsity, t, steps) for t in range(1, steps + 1)]
-    return int(sum(prune(th) + adapter(cfg.physical_rank) for th in thetas) + snap(cfg.sparsity))
+    return int(sum(prune(th) + adapter(cfg.physical_rank) for th in thetas) + sparse_bytes(shape, cfg.sparsity))
+
+
+def sparse_bytes(shape: Shape, sparsity: float) -> float:
+    """S(s): the prunable linears at ``sparsity`` in the compact form (non-zeros, one bit per weight, 8 bytes per
+    row), or dense when that is smaller."""
+    b, p = shape.dtype_bytes, shape.linear_params
+    rows = shape.layers * (3 * shape.hidden + shape.attn_out_in + 3 * shape.intermediate)  # q,k,v-ish, o, MLP
+    return min(p * b, p * ((1 - sparsity) * b + 1 / 8) + 8 * rows)
 
 
 def _model_problems(name: str, path: str | None, err: Exception | None) -> list[str]:

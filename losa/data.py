@@ -370,13 +370,15 @@ def files_sha256(relpaths: Sequence[str]) -> dict[str, str]:
     cached result computed from these files depends on."""
     out = {}
     for rel in relpaths:
-        path = find(rel)
-        out[rel] = _file_sha256(path, path.stat().st_mtime_ns, path.stat().st_size) if path is not None else \
-            f"hub: {_HUB.get(rel, 'none')}"
+        if (path := find(rel)) is None:
+            out[rel] = f"hub: {_HUB.get(rel, 'none')}"
+        else:
+            stat = path.stat()
+            out[rel] = _file_sha256(path, stat.st_mtime_ns, stat.st_size)
     return out
 
 
 @lru_cache(maxsize=None)
 def _file_sha256(path: Path, mtime_ns: int, size: int) -> str:
-    # every stage key of a zero-shot cell hashes these files: once per process while they are unchanged
+    # every stage key hashes the files its stage reads: once per process while they are unchanged
     return sha256(path)

@@ -78,12 +78,12 @@ def kept(model: nn.Module) -> Tensors:
 
 @torch.no_grad()
 def apply_kept(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Zero every prunable weight that ``k.*`` does not keep, exactly as a masking rule does (losa.pruners)."""
+    """Zero every prunable weight that ``k.*`` does not keep, with the masking rules' own function."""
+    from .pruners import apply_mask
+
     base = base_model(model)
     for b, name, lin in get_adapter(base).iter_linears(base):
-        mask = tensors[f"k.{_key(b, name)}"].to(lin.weight.device)
-        lin.weight.data.copy_(torch.where(mask, lin.weight, torch.zeros((), dtype=lin.weight.dtype,
-                                                                         device=lin.weight.device)))
+        lin.weight.data.copy_(apply_mask(lin.weight, tensors[f"k.{_key(b, name)}"].to(lin.weight.device)))
     return model
 
 

@@ -99,7 +99,7 @@ def cache_key(stage: str, params: dict[str, Any]) -> str:
         inputs["data"] = data.files_sha256(FILES[stage](cell.config))
     if stage == "zeroshot":
         inputs["tasks"] = _task_files_hash()
-    inputs["libraries"] = {p: _version(p) for p in LIBRARIES + MORE_LIBRARIES.get(stage, ())}
+    inputs["libraries"] = library_versions(stage)
     return stage_key(stage, f"{METHOD_VERSION}/{STAGE_VERSION}", {**{f: cfg[f] for f in FIELDS[stage]}, **own},
                      inputs)
 
@@ -115,6 +115,11 @@ def _task_files_hash() -> str:
     for path in sorted([*TASKS_DIR.glob("*.yaml"), *TASKS_DIR.glob("*.py")]):
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
+
+
+def library_versions(stage: str | None = None) -> dict[str, str]:
+    """Versions of the libraries every stage's numbers depend on (and ``stage``'s own, e.g. lm-eval's)."""
+    return {p: _version(p) for p in LIBRARIES + MORE_LIBRARIES.get(stage, ())}
 
 
 @functools.lru_cache(maxsize=None)
@@ -193,7 +198,7 @@ def _model(cell: CellSpec, state: Ref | None = None):
     from losa.models import load_model
 
     model, _ = load_model(cell.model, device=cell.device)
-    return model if state is None or state.stage == "model" else _restore(cell, model, state)
+    return model if state is None else _restore(cell, model, state)
 
 
 # A stage stores what it adds: a prune by a masking rule its mask, a SparseGPT prune its weights, a fine-tuning step
@@ -214,12 +219,14 @@ def _ref(part: dict | None) -> Ref | None:
 def _restore(cell: CellSpec, model, ref: Ref):
     """``model`` (freshly loaded, dense) made to hold the state ``ref`` stores: its snapshot, or its base state
     rebuilt first and then what its stage added, redone exactly as the stage did it."""
+    if ref.stage == "model":  # the dense model itself
+        return model
     store, cfg = _store(), cell.config
     tensors, meta = store.tensors(ref)
     if DERIVED not in meta:  # a full snapshot: a prune, or a masked LoSA merge (the final sparse model)
         return snapshot.restore(model, tensors, meta, cfg)
     recipe = json.loads(meta[DERIVED])
-    model = _restore(cell, model, _ref(recipe["base"])) if recipe["base"]["stage"] != "model" else model
+    model = _restore(cell, model, _ref(recipe["base"]))
     if ref.stage == "finetune":  # the start of DSA steps 5–6 again (the previous adapter, unmerged), then the adapter
         if (previous := _ref(recipe["previous"])) is not None:
             model = snapshot.restore(model, *store.tensors(previous), cfg, merged=True)
@@ -245,11 +252,10 @@ def _ids(ref: Ref | None):
     return _store().tensors(ref)[0]["ids"] if ref is not None else None
 
 
-def _put(store: ArtifactStore, stage: str, key: str, clock, info: dict, model=None, adapter: bool = True,
-         weights: bool = True, recipe: dict[str, str] | None = None) -> Ref:
-    tensors, meta = snapshot.snapshot(model, adapter=adapter, weights=weights) if model is not None else ({}, {})
-    if model is None and recipe is None:
-        tensors = None
+def _put(store: ArtifactStore, stage: str, key: str, clock, info: dict, tensors: dict, meta: dict,
+         recipe: dict | None = None) -> Ref:
+    """Store a state: its tensors (a snapshot, a mask, or none) and the recipe that rebuilds the rest from the
+    states it names (whose keys the manifest lists as what reading it needs)."""
     needs = [v.key for v in (recipe or {}).values() if isinstance(v, Ref) and v.stage != "model"]
     return store.put(stage, key, info, tensors, {**meta, **_recipe(**recipe)} if recipe else meta, seconds=clock,
                      needs=needs)
@@ -308,9 +314,8 @@ def prune(cell: CellSpec, state: Ref, calib: Ref, reference: Ref | None, rates: 
         outputs = stages.dense_outputs(dense, ids, cell.config, device=weight.device, lazy=True)
     report = stages.prune(model, ids, cell.config, rates, patterns, outputs, progress=False)
     if get_rule(cell.config.pruner).masks_only:  # the pruned state is the input state where kept: store the mask
-        return _store.put("prune", _key, report.to_dict(), snapshot.kept(model), _recipe(base=state), seconds=clock,
-                          needs=[state.key] if state.stage != "model" else [])
-    return _put(_store, "prune", _key, clock, report.to_dict(), model, adapter=False)
+        return _put(_store, "prune", _key, clock, report.to_dict(), snapshot.kept(model), {}, recipe={"base": state})
+    return _put(_store, "prune", _key, clock, report.to_dict(), *snapshot.snapshot(model, adapter=False))
 
 
 @stage_task("finetune")
@@ -323,7 +328,7 @@ def finetune(cell: CellSpec, pruned: Ref, previous: Ref | None, tokens: Ref | No
     if previous is not None:
         model = snapshot.restore(model, *_store.tensors(previous), cfg, merged=True)
     model, trained = stages.finetune(model, _tokenizer(cell.model), cfg, ranks, t, stream=_ids(tokens), progress=False)
-    return _put(_store, "finetune", _key, clock, stages.info(trained), model, weights=False,
+    return _put(_store, "finetune", _key, clock, stages.info(trained), *snapshot.snapshot(model, weights=False),
                 recipe={"base": pruned, "previous": previous, "ranks": list(ranks)})
 
 
@@ -333,14 +338,15 @@ def lora(cell: CellSpec, pruned: Ref, tokens: Ref | None, _key: str = "", _store
     clock = _clock()
     model, trained = stages.lora(_model(cell, pruned), _tokenizer(cell.model), cell.config, stream=_ids(tokens),
                                  progress=False)
-    return _put(_store, "lora", _key, clock, stages.info(trained), model, weights=False, recipe={"base": pruned})
+    return _put(_store, "lora", _key, clock, stages.info(trained), *snapshot.snapshot(model, weights=False),
+                recipe={"base": pruned})
 
 
 @stage_task("merge")
 def merge(cell: CellSpec, state: Ref, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
     """DSA step 2: the adapter merged into the masked weights. Stores only its recipe: the sum is redone on load."""
     clock = _clock()
-    return _put(_store, "merge", _key, clock, {}, recipe={"base": state})
+    return _put(_store, "merge", _key, clock, {}, {}, {}, recipe={"base": state})
 
 
 @stage_task("finalize")
@@ -356,9 +362,9 @@ def finalize(cell: CellSpec, state: Ref, patterns: list[str], _key: str = "",
     plain = not list(masked_layers(model))
     model, result = stages.finalize(model, patterns)
     if plain:
-        return _put(_store, "finalize", _key, clock, stages.info(result), recipe={"base": state,
-                                                                               "patterns": list(patterns)})
-    return _put(_store, "finalize", _key, clock, stages.info(result), model, adapter=False)
+        return _put(_store, "finalize", _key, clock, stages.info(result), {}, {},
+                    recipe={"base": state, "patterns": list(patterns)})
+    return _put(_store, "finalize", _key, clock, stages.info(result), *snapshot.snapshot(model, adapter=False))
 
 
 @stage_task("perplexity")

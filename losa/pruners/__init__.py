@@ -17,7 +17,7 @@ from .magnitude import magnitude_mask
 from .sparsegpt import sparsegpt_prune
 from .wanda import wanda_mask
 
-__all__ = ["METHODS", "Rule", "get_rule", "magnitude_mask", "sparsegpt_prune", "wanda_mask"]
+__all__ = ["METHODS", "Rule", "apply_mask", "get_rule", "magnitude_mask", "sparsegpt_prune", "wanda_mask"]
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,13 @@ class Rule:
     masks_only: bool = True
 
 
+def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``weight`` where ``mask`` keeps it, +0 elsewhere: what a masking rule does (restoring a stored mask too)."""
+    return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+
+
 def _masked(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device)), mask
+    return apply_mask(weight, mask), mask
 
 
 METHODS: dict[str, Rule] = {
