@@ -27,13 +27,19 @@ from tasks.store import ArtifactStore, Ref
 class TaskStages:
     """:class:`losa.stages.Stages` where every stage is a cached task and every handle an artifact Ref."""
 
-    def __init__(self, cell: CellSpec):
+    def __init__(self, cell: CellSpec, spill: bool = False):
+        """``spill``: spill each SparseGPT prune of the DSA loop once the next full weights are written (the next
+        step's prune, or the final merge): a cell then holds one step's full weights at a time."""
         from transformers import AutoConfig
+
+        from losa.pruners import get_rule
 
         self.cell = cell
         self.refs: list[Ref] = []  # every stage this cell read or wrote, in order (its record: tasks.retention)
         self._prunes = 0  # DSA steps begun, to name the task runs ("prune t=2/3")
         cfg = cell.config
+        self.spill = spill and cfg.method == "losa" and not get_rule(cfg.pruner).masks_only
+        self._weights: Ref | None = None  # the DSA loop's latest SparseGPT prune (what the next full state spills)
         self.n_blocks = AutoConfig.from_pretrained(cell.model).num_hidden_layers
         self.calib = self._call(T.calibration) if cfg.method != "dense" else None
         text = cfg.method in ("lora", "losa") and cfg.train_data == "text"
@@ -67,7 +73,8 @@ class TaskStages:
 
     def prune(self, state: Ref, rates, patterns, reference: Ref | None) -> tuple[Ref, PruneReport]:
         ref = self._call(T.prune, state=state, calib=self.calib, reference=reference, rates=list(rates),
-                         patterns=list(patterns))
+                         patterns=list(patterns), spill=self._weights)
+        self._weights = ref if self.spill else None
         return ref, PruneReport.from_dict(ref.info)
 
     def finetune(self, pruned: Ref, previous: Ref | None, ranks, t: int) -> tuple[Ref, Trained]:
@@ -82,7 +89,7 @@ class TaskStages:
         return self._call(T.merge, state=state)
 
     def finalize(self, state: Ref, patterns) -> tuple[Ref, Finalized]:
-        ref = self._call(T.finalize, state=state, patterns=list(patterns))
+        ref = self._call(T.finalize, state=state, patterns=list(patterns), spill=self._weights)
         return ref, Finalized(**ref.info)
 
     def perplexity(self, state: Ref) -> float:
@@ -156,8 +163,9 @@ def cell_key(spec: CellSpec) -> str:
     return tracking.cell_key(spec.model_sha256, spec.config.identity(), f"{METHOD_VERSION}/{STAGE_VERSION}/{libraries}")
 
 
-def run_cell(cell: Cell, grid: str, parent_run_id: str | None = None) -> dict:
-    """Run (or resume, or find cached) one cell, log it, return a summary row.
+def run_cell(cell: Cell, grid: str, parent_run_id: str | None = None, spill: bool = True) -> dict:
+    """Run (or resume, or find cached) one cell, log it, return a summary row. ``spill``: see :class:`TaskStages`
+    (off under ``retain: all``, which keeps every intermediate).
 
     A cell that fails (diverged training, a failed merge check, any error) is logged as a FAILED run with the
     reason and raises; one whose stored input turns out corrupt (removed by the store on read) is run once more,
@@ -173,7 +181,7 @@ def run_cell(cell: Cell, grid: str, parent_run_id: str | None = None) -> dict:
     started, clock = time.time(), time.perf_counter()
     try:
         for attempt in (1, 2):
-            stages = TaskStages(spec)
+            stages = TaskStages(spec, spill=spill)
             try:
                 report = _evaluate_finished(spec, stages, store) or drive(spec.config, stages).to_dict()
                 break
@@ -268,7 +276,7 @@ def _cell_run_name() -> str:
 def losa_cell(grid: str, cell_id: str, parent_run_id: str | None = None) -> dict:
     """One cell of a grid (by its id), e.g. submitted by ``losa-grid`` to a GPU work pool."""
     spec = load_grid(grid)
-    row = run_cell(spec.cell(cell_id), spec.name, parent_run_id)
+    row = run_cell(spec.cell(cell_id), spec.name, parent_run_id, spill=spec.retain != "all")
     if spec.retain != "all":  # this cell's private intermediates go now, so a grid's disk peak is about one cell
         from flows.storage import apply
 

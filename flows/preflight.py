@@ -94,7 +94,8 @@ def cell_memory(shape: Shape, cfg: LosaConfig) -> dict[str, int]:
 
 def cell_disk(shape: Shape, cfg: LosaConfig) -> int:
     """Bytes a cell writes to the artifact store (tasks/stages.py's stored forms in the store's compact form,
-    tasks/store.py), all of which exist at the cell's peak (retention drops intermediates once it has finished).
+    tasks/store.py); all of them exist at the cell's peak unless it spills (:func:`cell_peak`), as retention drops
+    the other intermediates once the cell has finished.
 
     A snapshot of P prunable weights of b bytes in R rows at sparsity s holds their non-zeros, one bit per weight
     and 8 bytes per row: S(s) = min(P b, P((1 − s) b + 1/8) + 8 R). A prune by a masking rule (Wanda, magnitude)
@@ -119,6 +120,21 @@ def cell_disk(shape: Shape, cfg: LosaConfig) -> int:
     steps = cfg.effective_steps
     thetas = [cubic_sparsity(cfg.sparsity, t, steps) for t in range(1, steps + 1)]
     return int(sum(prune(th) + adapter(cfg.physical_rank) for th in thetas) + sparse_bytes(shape, cfg.sparsity))
+
+
+def cell_peak(shape: Shape, cfg: LosaConfig, spill: bool = True) -> int:
+    """The most bytes a cell holds in the artifact store at once: :func:`cell_disk`, except that a LoSA cell that
+    spills (``spill``: every ``retain`` but ``all``) holds one SparseGPT prune at a time, since each is spilled before
+    the next full weights are written (tasks/stages.py). Then, with A = A(r_phys), the peak is the larger of
+    max_t S(Θ^t) + t A (step t's weights and the adapters of steps 1..t) and S(s) + T A (the final)."""
+    from losa.pruners import get_rule
+    from losa.schedule import cubic_sparsity
+
+    if not spill or cfg.method != "losa" or get_rule(cfg.pruner).masks_only:
+        return cell_disk(shape, cfg)
+    steps, adapter = cfg.effective_steps, 4 * cfg.physical_rank * shape.linear_io
+    held = [sparse_bytes(shape, cubic_sparsity(cfg.sparsity, t, steps)) + t * adapter for t in range(1, steps + 1)]
+    return int(max(*held, sparse_bytes(shape, cfg.sparsity) + steps * adapter))
 
 
 def sparse_bytes(shape: Shape, sparsity: float) -> float:
@@ -208,9 +224,9 @@ def _resource_problems(grid: Grid, shapes: dict[str, Shape]) -> list[str]:
         while not folder.exists():
             folder = folder.parent
         free = shutil.disk_usage(folder).free
-        disk = max(cell_disk(shapes[c.model], c.config) for c in grid.cells())
+        disk = max(cell_peak(shapes[c.model], c.config, spill=grid.retain != "all") for c in grid.cells())
         if disk > free:
-            out.append(f"one cell writes up to {disk / 2**30:.1f} GiB of snapshots to {url}; {free / 2**30:.1f} GiB "
+            out.append(f"one cell holds up to {disk / 2**30:.1f} GiB of snapshots in {url}; {free / 2**30:.1f} GiB "
                        f"are free (retention frees them after each cell; LOSA_SKIP_RESOURCE_GUARD=1 runs it anyway)")
     return out
 

@@ -8,7 +8,8 @@ A snapshot is a flat ``{name: tensor}`` dict (safetensors-ready) plus string met
   are ``weight != 0`` of the base weights the adapter is attached to (method.md §4), which restore derives again;
 - ``k.<block>.<name>``: instead of the weights, which of them a masking rule kept (:func:`kept`), for a pruned state
   whose weights are its input state's where kept and 0 elsewhere (:func:`apply_kept`);
-- ``rng.cpu`` (and ``rng.cuda``): the torch RNG state, so dropout continues exactly where the previous stage left it.
+- ``rng.cpu`` (and ``rng.cuda``): with an adapter, the torch RNG state, so dropout continues exactly where the previous
+  stage left it.
 
 These names are the artifact store's stored form: change them only together with the tasks' ``STAGE_VERSION``.
 """
@@ -63,9 +64,11 @@ def snapshot(model: nn.Module, adapter: bool = True, weights: bool = True) -> tu
             n = len(get_adapter(base).get_blocks(base))
             ranks = {b: layer.active_rank["default"] for b, _, layer in masked}
             tensors["ranks"] = torch.tensor([ranks.get(b, 0) for b in range(n)], dtype=torch.int64)
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    if adapter:  # training continues from it; a weights-only state consumed no randomness (and its bytes are the
+        # weights alone, whatever ran before in the process: a recomputed state hashes the same)
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
     return tensors, meta
 
 
@@ -137,7 +140,8 @@ def load_adapter(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Mo
         for b, name, layer in get_adapter(base).iter_linears(base, unwrap=False):
             layer.lora_A["default"].weight.copy_(tensors[f"a.{_key(b, name)}.A"])
             layer.lora_B["default"].weight.copy_(tensors[f"a.{_key(b, name)}.B"])
-    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cpu" in tensors:
+        torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return model

@@ -4,10 +4,11 @@ A finished cell leaves a *cell record* in the store (stage ``cell``, info only):
 or wrote, its final model's key (the pruned weights for ``pruned``, the merged weights for ``lora``/``losa``; none for
 ``dense``) and its MLflow run. The record is what makes a cell "done", so its intermediates can go:
 
-* ``all``: keep everything;
+* ``all``: keep everything (nothing is spilled either);
 * ``shared`` (default): drop a finished cell's intermediate snapshots (pruned, fine-tuned, merged states of steps
   before the last) unless another cell also uses them (a shared prefix, e.g. LoSA's step 1 and −SRA's) or a cell
-  that has not finished needs them;
+  that has not finished needs them; while a LoSA cell runs, its SparseGPT prunes are spilled step by step
+  (:meth:`tasks.store.ArtifactStore.spill`), so it holds one step's full weights at a time;
 * ``final``: drop every intermediate snapshot of finished cells that no unfinished cell needs, shared or not.
 
 Kept always: each cell's final model (with the states a final stored as a recipe is rebuilt from), and the stages that are small or the roots of many cells (calibration windows,
@@ -79,16 +80,21 @@ def plan(store: ArtifactStore, finished: Mapping[str, Ref], pending: Mapping[str
     uses = Counter(k for rec in finished.values() for k in rec.info["stages"])
     uses.update(k for keys in pending.values() for k in set(keys))
     # a final model stored as a recipe (a plain-LoRA merge) keeps what it is rebuilt from
-    keep = store.closure([rec.info["final"] for rec in finished.values() if rec.info["final"] is not None])
-    keep |= {k for keys in pending.values() for k in keys}
+    # and what an unfinished cell has reached keeps what rebuilding it reads (a spilled prune: its recipe's inputs)
+    keep = store.closure([rec.info["final"] for rec in finished.values() if rec.info["final"] is not None]
+                         + [k for keys in pending.values() for k in keys])
     drop = {}
     for rec in finished.values():
         for key in rec.info["stages"]:
-            if key in keep or key in drop or (retain == "shared" and uses[key] > 1):
+            if key in keep or key in drop:
                 continue
             manifest = store.manifest(key)
-            if manifest is not None and manifest["stage"] in SNAPSHOT_STAGES:
-                drop[key] = store.size(key)
+            if manifest is None or manifest["stage"] not in SNAPSHOT_STAGES:
+                continue
+            # a spilled snapshot holds nothing to share: a cell that needs it recomputes it either way
+            if retain == "shared" and uses[key] > 1 and "spilled" not in manifest:
+                continue
+            drop[key] = store.size(key)
     return drop
 
 

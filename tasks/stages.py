@@ -8,7 +8,10 @@ recomputed. SERIALIZABLE isolation (a file lock per key, tied to a live holder: 
 cells that need the same stage wait for one computation instead of racing.
 
 A stage stores what it adds to the state it started from (a mask, an adapter, or only a recipe), and a stored state
-is rebuilt by redoing that on the states it refers to (:func:`_restore`), bit for bit.
+is rebuilt by redoing that on the states it refers to (:func:`_restore`), bit for bit. SparseGPT's pruned weights,
+the one state stored whole at every DSA step, are spilled once the next step has pruned them further (the cell passes
+``spill``; :meth:`tasks.store.ArtifactStore.spill`); should a crash or a corrupt artifact make them needed again, they
+are recomputed and must hash to what they were (:func:`_recompute`).
 
 The artifact store, not Prefect's result record, decides a cache hit: every task body looks its key up in the store
 (whose manifests are checked, :mod:`tasks.store`), so an artifact removed as corrupt is rebuilt instead of being
@@ -35,9 +38,9 @@ from losa.pruners import get_rule
 
 from .locks import LiveLockManager
 from .state import artifacts_url, state_dir
-from .store import ArtifactStore, Ref, stage_key
+from .store import ArtifactStore, Ref, Spilled, stage_key
 
-STAGE_VERSION = "2"  # bump with any change in this file that changes what a stage stores
+STAGE_VERSION = "3"  # bump with any change in this file that changes what a stage stores
 
 
 class CellSpec(BaseModel):
@@ -82,6 +85,8 @@ FILES: dict[str, Callable[[LosaConfig], tuple[str, ...]]] = {
     "zeroshot": lambda cfg: tuple(f for t in cfg.zeroshot.tasks for f in data.ZEROSHOT_FILES[t][0])
     if cfg.zeroshot.source == "local" else (),
 }
+# what a stage is told but does not compute from: the earlier state it may spill once its own result exists
+UNKEYED = frozenset({"spill"})
 LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "gguf")  # every stage: kernels, model code, tokenization
 MORE_LIBRARIES = {"zeroshot": ("lm_eval",), "speed": ("onnxruntime",)}
 
@@ -90,6 +95,7 @@ def cache_key(stage: str, params: dict[str, Any]) -> str:
     """Key of ``stage`` called with ``params`` (the task's bound arguments)."""
     cell: CellSpec = params["cell"]
     cfg = cell.config.model_dump(mode="json")
+    params = {k: v for k, v in params.items() if k not in UNKEYED}
     own = {k: v for k, v in params.items() if k != "cell" and not isinstance(v, Ref) and v is not None}
     inputs = {k: v for k, v in params.items() if isinstance(v, Ref)}
     inputs["model"] = cell.model_sha256
@@ -222,7 +228,10 @@ def _restore(cell: CellSpec, model, ref: Ref):
     if ref.stage == "model":  # the dense model itself
         return model
     store, cfg = _store(), cell.config
-    tensors, meta = store.tensors(ref)
+    try:
+        tensors, meta = store.tensors(ref)
+    except Spilled as spilled:
+        return _recompute(cell, model, ref, json.loads(spilled.recipe))
     if DERIVED not in meta:  # a full snapshot: a prune, or a masked LoSA merge (the final sparse model)
         return snapshot.restore(model, tensors, meta, cfg)
     recipe = json.loads(meta[DERIVED])
@@ -243,6 +252,18 @@ def _restore(cell: CellSpec, model, ref: Ref):
     raise ValueError(f"no recipe for a {ref.stage} artifact")
 
 
+def _recompute(cell: CellSpec, model, ref: Ref, recipe: dict):
+    """``model`` holding a spilled SparseGPT prune again: its base state rebuilt and pruned as its stage pruned it
+    (the same calibration, rates and patterns; the weights do not depend on the reference its errors were measured
+    against), taken back by the store only if it hashes to what it was."""
+    clock = _clock()
+    model = _restore(cell, model, _ref(recipe["base"]))
+    stages.prune(model, _ids(_ref(recipe["calib"])), cell.config, recipe["rates"], recipe["patterns"], None,
+                 progress=False)
+    _store().unspill(ref, *snapshot.snapshot(model, adapter=False), seconds=clock())
+    return model
+
+
 def load_state(cell: CellSpec, state: Ref | None):
     """(model, tokenizer) holding a stored state (None or the model Ref: the dense model)."""
     return _model(cell, state), _tokenizer(cell.model)
@@ -253,12 +274,16 @@ def _ids(ref: Ref | None):
 
 
 def _put(store: ArtifactStore, stage: str, key: str, clock, info: dict, tensors: dict, meta: dict,
-         recipe: dict | None = None) -> Ref:
+         recipe: dict | None = None, redo: dict | None = None) -> Ref:
     """Store a state: its tensors (a snapshot, a mask, or none) and the recipe that rebuilds the rest from the
-    states it names (whose keys the manifest lists as what reading it needs)."""
-    needs = [v.key for v in (recipe or {}).values() if isinstance(v, Ref) and v.stage != "model"]
+    states it names (whose keys the manifest lists as what reading it needs); ``redo``: the recipe that computes
+    the tensors again from the states it names, should they be spilled."""
     return store.put(stage, key, info, tensors, {**meta, **_recipe(**recipe)} if recipe else meta, seconds=clock,
-                     needs=needs)
+                     needs=_needs(recipe), redo=None if redo is None else (_recipe(**redo)[DERIVED], _needs(redo)))
+
+
+def _needs(recipe: dict | None) -> list[str]:
+    return [v.key for v in (recipe or {}).values() if isinstance(v, Ref) and v.stage != "model"]
 
 
 def _clock():
@@ -297,11 +322,13 @@ def importance(cell: CellSpec, state: Ref, calib: Ref, _key: str = "", _store: A
 
 @stage_task("prune")
 def prune(cell: CellSpec, state: Ref, calib: Ref, reference: Ref | None, rates: list, patterns: list[str],
-          _key: str = "", _store: ArtifactStore | None = None) -> Ref:
+          spill: Ref | None = None, _key: str = "", _store: ArtifactStore | None = None) -> Ref:
     """Prune the state's weights block by block to ``rates``/``patterns`` (method.md §1); info = the PruneReport.
 
     ``reference``: the dense model (its Ref) whose block outputs L_l is measured against (method.md §3): computed
     again block by block beside the pruning pass rather than stored (at 7B they would outweigh the final model 13×).
+    ``spill``: the previous step's SparseGPT prune, which ``state`` was computed from: spilled before these weights
+    are written, so a cell never holds two steps' full weights (a crash in between only costs recomputing it).
     """
     from losa.models import load_model
 
@@ -315,7 +342,10 @@ def prune(cell: CellSpec, state: Ref, calib: Ref, reference: Ref | None, rates: 
     report = stages.prune(model, ids, cell.config, rates, patterns, outputs, progress=False)
     if get_rule(cell.config.pruner).masks_only:  # the pruned state is the input state where kept: store the mask
         return _put(_store, "prune", _key, clock, report.to_dict(), snapshot.kept(model), {}, recipe={"base": state})
-    return _put(_store, "prune", _key, clock, report.to_dict(), *snapshot.snapshot(model, adapter=False))
+    if spill is not None:
+        _store.spill(spill)
+    return _put(_store, "prune", _key, clock, report.to_dict(), *snapshot.snapshot(model, adapter=False),
+                redo={"base": state, "calib": calib, "rates": list(rates), "patterns": list(patterns)})
 
 
 @stage_task("finetune")
@@ -350,12 +380,13 @@ def merge(cell: CellSpec, state: Ref, _key: str = "", _store: ArtifactStore | No
 
 
 @stage_task("finalize")
-def finalize(cell: CellSpec, state: Ref, patterns: list[str], _key: str = "",
+def finalize(cell: CellSpec, state: Ref, patterns: list[str], spill: Ref | None = None, _key: str = "",
              _store: ArtifactStore | None = None) -> Ref:
     """Merge and unload; a masked adapter's merge is verified (raises MergeVerificationError, nothing stored).
 
-    A masked merge is the final sparse model: stored. A plain LoRA's merge is dense (its update has no mask): stored as
-    its recipe, the pruned weights and the adapter it is the sum of."""
+    A masked merge is the final sparse model: stored (``spill``: the last SparseGPT prune, spilled first). A plain
+    LoRA's merge is dense (its update has no mask): stored as its recipe, the pruned weights and the adapter it is
+    the sum of."""
     from losa.adapter import masked_layers
 
     clock, model = _clock(), _model(cell, state)
@@ -364,6 +395,8 @@ def finalize(cell: CellSpec, state: Ref, patterns: list[str], _key: str = "",
     if plain:
         return _put(_store, "finalize", _key, clock, stages.info(result), {}, {},
                     recipe={"base": state, "patterns": list(patterns)})
+    if spill is not None:
+        _store.spill(spill)
     return _put(_store, "finalize", _key, clock, stages.info(result), *snapshot.snapshot(model, adapter=False))
 
 

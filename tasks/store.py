@@ -5,6 +5,11 @@ on the same inputs always lands on the same key, so the key doubles as the stage
 the sha256 of its tensor file, which is the *content* hash later stages key on. The manifest is written last (after
 the tensors, each via a temporary name and a rename), so an interrupted write leaves no artifact behind.
 
+An artifact can also be *spilled* (:meth:`ArtifactStore.spill`): its tensors are deleted while its manifest (its key,
+content hash and info) stays, with the recipe its stage left to recompute it. A cache lookup still finds it, so the
+stages after it are not recomputed; reading its tensors raises :class:`Spilled`, and the recomputed tensors come back
+only if they hash to the content hash it had (:meth:`ArtifactStore.unspill`).
+
 Corruption is caught at three depths: :meth:`ArtifactStore.get` checks the manifest's own checksum and the tensor
 file's size (cheap: every cache lookup does it), :meth:`ArtifactStore.tensors` checks the content hash of what it
 reads, and :meth:`ArtifactStore.verify` re-hashes everything (``losa check --verify``). A corrupt artifact is logged
@@ -42,6 +47,15 @@ _REMOVED: dict[str, dict[str, str]] = {}
 
 class CorruptArtifact(RuntimeError):
     """An artifact failed its checks; it has been removed, so recomputing its stage rebuilds it."""
+
+
+class Spilled(LookupError):
+    """The tensors of a spilled artifact (:meth:`ArtifactStore.spill`) were asked for: ``recipe`` (what its stage
+    wrote as ``redo``) recomputes them, and :meth:`ArtifactStore.unspill` takes them back."""
+
+    def __init__(self, ref: "Ref", recipe: str):
+        super().__init__(f"artifact {ref.stage} {ref.key[:12]} is spilled: its tensors must be recomputed")
+        self.ref, self.recipe = ref, recipe
 
 
 class Ref(BaseModel):
@@ -170,21 +184,18 @@ class ArtifactStore:
 
     def put(self, stage: str, key: str, info: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None,
             metadata: Mapping[str, str] | None = None, seconds: float | Callable[[], float] | None = None,
-            needs: list[str] = ()) -> Ref:
+            needs: list[str] = (), redo: tuple[str, list[str]] | None = None) -> Ref:
         """Store an artifact; tensors are written first, the manifest commits it. Logs the computation.
 
         ``seconds``: the stage's time, or a clock read after the tensors are written (writing is part of a stage).
         ``needs``: the keys of the artifacts that reading this one also reads (an adapter's base state, ...).
+        ``redo``: (recipe, the keys it reads): how its stage recomputes these tensors, which makes it spillable.
         """
         self.fs.makedirs(self._dir(key), exist_ok=True)
         info = json.loads(json.dumps(dict(info)))  # JSON types only (tuples -> lists), as a reader will see them
         size = 0
         if tensors is not None:
-            packed, encoded = encode({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-            meta = dict(metadata or {})
-            if encoded or len(meta) > 1:  # one key: safetensors writes several in a per-process random order
-                meta = {ENCODED: json.dumps({"metadata": meta, "encoded": encoded}, sort_keys=True)}
-            payload = st_save(packed, meta)
+            payload = _payload(tensors, metadata)
             sha, size = hashlib.sha256(payload).hexdigest(), len(payload)
             self._write(f"{self._dir(key)}/tensors.safetensors", payload)
         else:
@@ -193,12 +204,60 @@ class ArtifactStore:
             seconds = seconds()
         manifest = {"stage": stage, "key": key, "sha256": sha, "info": info, "has_tensors": tensors is not None,
                     "bytes": size, "created": time.time(), "seconds": seconds, "needs": list(needs)}
+        if redo is not None:
+            manifest["redo"] = {"recipe": redo[0], "needs": list(redo[1])}
+        self._commit(key, manifest)
+        self._log("computed", {"stage": stage, "key": key, "seconds": seconds, "bytes": size})
+        return Ref(stage=stage, key=key, sha256=sha, info=info)
+
+    def _commit(self, key: str, manifest: dict) -> None:
+        manifest = {k: v for k, v in manifest.items() if k != "checksum"}
         manifest["checksum"] = digest(manifest)
         self._write(f"{self._dir(key)}/manifest.json", json.dumps(manifest, indent=1).encode())
-        with self.fs.open(f"{self.root}/computed.jsonl", "ab") as f:  # what actually ran, for the benchmarks
-            f.write((json.dumps({"stage": stage, "key": key, "seconds": seconds, "time": time.time(),
-                                 "bytes": size}) + "\n").encode())
-        return Ref(stage=stage, key=key, sha256=sha, info=info)
+
+    def _log(self, what: str, line: dict) -> None:
+        """``computed.jsonl``: what actually ran (and how big it was), for the benchmarks; ``spilled.jsonl``: what
+        was spilled."""
+        with self.fs.open(f"{self.root}/{what}.jsonl", "ab") as f:
+            f.write((json.dumps({**line, "time": time.time()}) + "\n").encode())
+
+    def spill(self, ref: Ref) -> int:
+        """Delete an artifact's tensors but keep its manifest and the recipe its stage left (``redo``); bytes freed.
+
+        For a state that only a crash or a corrupt later artifact would read again (SparseGPT's pruned weights of a
+        step the next step has pruned further): a cache lookup still finds it, its content hash still keys what was
+        computed from it, and reading it raises :class:`Spilled` (its reader recomputes it)."""
+        manifest = self.manifest(ref.key)
+        if manifest is None or not manifest.get("has_tensors"):
+            return 0
+        if "redo" not in manifest:
+            raise ValueError(f"artifact {ref.stage} {ref.key[:12]} has no recipe to recompute it: it cannot be spilled")
+        freed = manifest["bytes"]
+        # the manifest first: a crash before the tensor file is gone leaves a spilled artifact with a stray file
+        self._commit(ref.key, {**manifest, "has_tensors": False, "bytes": 0, "spilled": manifest["needs"],
+                               "needs": manifest["redo"]["needs"]})
+        self.fs.rm(f"{self._dir(ref.key)}/tensors.safetensors")
+        self._log("spilled", {"stage": ref.stage, "key": ref.key, "bytes": freed})
+        return freed
+
+    def unspill(self, ref: Ref, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                seconds: float | None = None) -> None:
+        """Take back a spilled artifact's recomputed tensors, which must be the very tensors it had (its content
+        hash); otherwise it is removed (CorruptArtifact), so its stage runs again and what follows it is recomputed
+        from what the stage gives now."""
+        manifest = self.manifest(ref.key)
+        if manifest is None or "spilled" not in manifest:
+            return  # taken back meanwhile (another cell recomputed it too), or removed
+        payload = _payload(tensors, metadata)
+        if hashlib.sha256(payload).hexdigest() != manifest["sha256"]:
+            self.remove(ref.key, "recomputed tensors differ from the spilled ones")
+            raise CorruptArtifact(f"artifact {ref.stage} {ref.key[:12]} recomputed to other tensors than it had "
+                                  "(non-deterministic kernels?): removed; rerunning the cell recomputes what follows")
+        self._write(f"{self._dir(ref.key)}/tensors.safetensors", payload)
+        live = {k: v for k, v in manifest.items() if k != "spilled"}
+        self._commit(ref.key, {**live, "has_tensors": True, "bytes": len(payload), "needs": manifest["spilled"]})
+        self._log("computed", {"stage": ref.stage, "key": ref.key, "seconds": seconds, "bytes": len(payload),
+                               "recomputed": True})
 
     def tensors(self, ref: Ref) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """(tensors, safetensors metadata) of an artifact, checked against its content hash."""
@@ -206,7 +265,11 @@ class ArtifactStore:
             with self.fs.open(f"{self._dir(ref.key)}/tensors.safetensors", "rb") as f:
                 payload = f.read()
         except FileNotFoundError:
-            self.remove(ref.key, "tensor file missing on read")
+            manifest = self.manifest(ref.key)  # (a committed one whose file is missing is removed by this check)
+            if manifest is not None and "spilled" in manifest:
+                raise Spilled(ref, manifest["redo"]["recipe"]) from None
+            if manifest is not None:
+                self.remove(ref.key, "tensor file missing on read")
             raise CorruptArtifact(f"artifact {ref.stage} {ref.key[:12]} lost its tensor file: removed; rerunning the "
                                   "cell rebuilds it") from None
         if hashlib.sha256(payload).hexdigest() != ref.sha256:
@@ -278,6 +341,15 @@ def decode(stored: Mapping[str, torch.Tensor], how: Mapping[str, str]) -> dict[s
         else:
             out[name] = bitmask_decompress({k: stored[f"{name}.{k}"] for k in _PARTS})
     return out
+
+
+def _payload(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> bytes:
+    """The tensor file's bytes: the compact stored form (:func:`encode`), the metadata in one key."""
+    packed, encoded = encode({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    meta = dict(metadata or {})
+    if encoded or len(meta) > 1:  # one key: safetensors writes several in a per-process random order
+        meta = {ENCODED: json.dumps({"metadata": meta, "encoded": encoded}, sort_keys=True)}
+    return st_save(packed, meta)
 
 
 def _manifest_problem(manifest: dict) -> str | None:

@@ -38,11 +38,11 @@ MICRO = {
 
 
 def write_grid(folder: Path, methods: list[str], dense: bool = True, name: str = "micro", table: str = "table1",
-               **fixed) -> Path:
+               pruner: str = "wanda", retain: str = "all", **fixed) -> Path:
     """The micro grid (``methods`` on the pruned axis, plus the dense cell) as ``<folder>/<name>.yaml``."""
     raw = json.loads(json.dumps(MICRO))
-    raw["name"], raw["table"] = name, table
-    raw["axes"]["method"] = list(methods)
+    raw["name"], raw["table"], raw["retain"] = name, table, retain
+    raw["axes"]["method"], raw["axes"]["pruner"] = list(methods), [pruner]
     raw["fixed"].update(fixed)
     if not dense:
         raw.pop("include")
@@ -613,6 +613,71 @@ def test_disk_formula_matches_what_a_losa_cell_writes(first):
         estimate = cell_disk(model_shape(spec.model), spec.config)
         assert len(written) == count, (method, written)
         assert abs(estimate - sum(written.values())) / sum(written.values()) < 0.05, (method, estimate, written)
+
+
+def test_a_sparsegpt_losa_cell_holds_one_steps_weights_at_a_time(losa_env, tmp_path, monkeypatch):
+    """Under ``retain: shared`` a SparseGPT LoSA cell spills each step's full weights before the next are written.
+    A crash right after a spill (the next step's write fails) loses nothing: the relaunch recomputes the spilled step
+    (checked against its content hash) and finishes with the in-memory run's result, bit for bit. The store's peak
+    over the cell, replayed from its logs, is the disk formula's ``cell_peak`` and well under what the cell wrote."""
+    import torch
+
+    from flows.cell import cell_spec
+    from flows.grid import losa_grid
+    from flows.preflight import cell_disk, cell_peak, model_shape
+    from losa.dsa import run_losa
+    from losa.models import load_model
+    from losa.snapshot import snapshot
+    import tasks.stages
+    from tasks.store import ArtifactStore
+
+    monkeypatch.setenv("LOSA_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{(tmp_path / 'state').resolve() / 'mlflow.db'}")
+    path = write_grid(tmp_path / "grids", ["losa"], dense=False, name="spill", pruner="sparsegpt", retain="shared")
+    real, puts = tasks.stages._put, []
+
+    def crash_after_the_first_spill(store, stage, *args, **kwargs):
+        puts.append(stage)
+        if stage == "prune" and puts.count("prune") == 2:  # step 2's prune: step 1's weights are spilled by now
+            raise RuntimeError("injected crash before step 2's weights are written")
+        return real(store, stage, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(tasks.stages, "_put", crash_after_the_first_spill)
+        assert losa_grid(str(path), return_state=True).is_failed()
+    store = ArtifactStore()
+    spilled = [json.loads(line) for line in (Path(store.root) / "spilled.jsonl").read_text().splitlines()]
+    assert [s["stage"] for s in spilled] == ["prune"]
+    assert losa_grid(str(path), return_state=True).is_completed()
+
+    computed = store.computed()
+    recomputed = [c for c in computed if c.get("recomputed")]
+    assert [c["key"] for c in recomputed] == [spilled[0]["key"]]  # step 1's weights, once
+    spilled = [json.loads(line) for line in (Path(store.root) / "spilled.jsonl").read_text().splitlines()]
+    assert len(spilled) == 3  # step 1 twice (before and after the crash), then step 2 before the final is written
+    # the store's bytes over the cell, replayed: writes add, spills take away
+    snapshots = ("prune", "finetune", "lora", "merge", "finalize")
+    events = sorted([(c["time"], c["bytes"]) for c in computed if c["stage"] in snapshots]
+                    + [(s["time"], -s["bytes"]) for s in spilled])
+    held, peak = 0, 0
+    for _, delta in events:
+        held += delta
+        peak = max(peak, held)
+    written = sum(c["bytes"] for c in computed if c["stage"] in snapshots and not c.get("recomputed"))
+    cell = load_grid(path).cells()[0]
+    spec = cell_spec(cell, as_task=False)
+    shape = model_shape(spec.model)
+    assert abs(cell_peak(shape, spec.config) - peak) / peak < 0.05, (cell_peak(shape, spec.config), peak)
+    assert abs(cell_disk(shape, spec.config) - written) / written < 0.05 and peak < 0.7 * written, (peak, written)
+
+    model, tokenizer = load_model(spec.model, device="cpu")
+    report = run_losa(model, tokenizer, cell.config, progress=False)
+    run = mlflow_runs(**{"losa.kind": "cell"}).iloc[0]
+    assert run["status"] == "FINISHED" and run["metrics.ppl"] == report.ppl
+    final = next(c["key"] for c in computed if c["stage"] == "finalize")
+    stored = store.tensors(store.get(final))[0]
+    weights = {k: v for k, v in snapshot(model, adapter=False)[0].items() if k.startswith("w.")}
+    assert weights and all(torch.equal(weights[k], stored[k]) for k in weights)
 
 
 def test_two_launches_at_once_on_a_fresh_state_folder(tmp_path):

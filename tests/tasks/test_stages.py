@@ -1,6 +1,8 @@
 """tasks/stages.py: the cache key of every stage (pinned: a changed key recomputes every store that exists), what
 enters it, and one task computed once and then found in the store."""
 
+from pathlib import Path
+
 import pytest
 
 from losa.config import LosaConfig
@@ -20,13 +22,14 @@ PARAMS = {
     "perplexity": {"state": PRUNED},
 }
 # pinned (with the library versions and data hashes fixed below): a key that moves recomputes every store that exists.
-# Moved on purpose once, by issue 11 (stored forms changed; data hashes and library versions entered every key)
+# Moved on purpose by issue 11, twice: stored forms changed, data hashes and library versions entered every key; then
+# weights-only states stopped storing the RNG state (STAGE_VERSION 3)
 PINNED = {
-    "calibration": "0da4b9aa4dad26c122cd9f198419e01b4f2d33b07cfa4bb6131635baeba1d9d1",
-    "finetune": "3f4f279412e170c430d69c54270947c8733fad3dadb51934c379a069378c29f5",
-    "importance": "9cd53b89b122269ef72e00e9aeaab731c93d2806c63aec23fab0e21e0b13a854",
-    "perplexity": "49b1ff9afb8f6bed5b18f010cb49ee74eb84d1cdb1e569ad9be72a7cbf1b7318",
-    "prune": "eee55bb982cef793b9b49094ee20f8f0e2775f66d92f163a47181923fe06c6ea",
+    "calibration": "c977ab289da3d0294f1e5f4d5e3843bf048ec5e74f97a71dbf6baaf91b6f4b6f",
+    "finetune": "032a8a66a4792651d7f2d3e43e69879e5d8ae181e9b42e890b05acc96cbb10aa",
+    "importance": "d97f0e9dde9b496b8bdf6f4f2fa733dde6843c66cc4884d93d17ac65e1fbe3f9",
+    "perplexity": "5fd529615a95716c9176875007cf573fcb4a8846cf5e97ffb76628e70cdc2e0f",
+    "prune": "91cb8a245d73005ae766efad8a7b5316e3b296e34cfea1621a3e2cd06f66de04",
 }
 
 
@@ -270,3 +273,69 @@ def test_a_recipe_restores_its_state_bit_for_bit(tmp_path, monkeypatch):
     sizes = {r.stage: ArtifactStore().size(r.key) for r in (pruned, step1, merged)}
     weights = sum(v.numel() * v.element_size() for k, v in want_pruned.items() if k.startswith("w."))
     assert sizes["prune"] < weights / 25 and sizes["finetune"] < weights / 4 and sizes["merge"] < 4096, sizes
+
+
+def test_a_spilled_sparsegpt_prune_is_recomputed_and_checked(tmp_path, monkeypatch):
+    """The next step's prune spills the SparseGPT weights it was computed from (``spill``): their tensors go, the
+    manifest stays (a cache hit, the same content hash), the later prune's key does not see ``spill``, and reading the
+    spilled state recomputes it from its base, bit for bit, taking it back into the store. Weights that recompute
+    differently are refused: the artifact is removed, so its stage and what follows run again."""
+    import torch
+
+    from losa import stages
+    from losa.snapshot import snapshot
+    from losa.zoo import TESTBED
+    from tasks.model import content_hash
+    from tasks.store import CorruptArtifact
+
+    monkeypatch.setenv("LOSA_HOME", str(tmp_path))
+    monkeypatch.setenv("LOSA_ARTIFACTS", str(tmp_path / "artifacts"))
+    cfg = LosaConfig(pruner="sparsegpt", nsamples=2, seqlen=16, calib_batch_size=2, steps=2, train_steps=2,
+                     finetune={"batch_size": 1, "seqlen": 16})
+    spec = CellSpec(model=str(TESTBED), model_sha256=content_hash(TESTBED), config=cfg, device="cpu")
+    store = ArtifactStore()
+    dense, calib = T.model_ref(spec), T.calibration.fn(cell=spec)
+    tokens = T.train_tokens.fn(cell=spec)
+    args = {"cell": spec, "calib": calib, "reference": dense, "patterns": ["unstructured"] * 6}
+    pruned = T.prune.fn(state=dense, rates=[0.5] * 6, **args)
+    want = {k: v.clone() for k, v in snapshot(T._model(spec, pruned), adapter=False)[0].items()}
+    assert "rng.cpu" not in want  # a weights-only state: its bytes are the weights alone
+    step1 = T.finetune.fn(cell=spec, pruned=pruned, previous=None, tokens=tokens, ranks=[3, 1] * 3, t=1)
+    merged = T.merge.fn(cell=spec, state=step1)
+    later = {"state": merged, "rates": [0.7, 0.6] * 3, **args}
+    pruned2 = T.prune.fn(spill=pruned, **later)
+    assert T.cache_key("prune", {"spill": pruned, **later}) == T.cache_key("prune", later) == pruned2.key
+
+    manifest = store.manifest(pruned.key)
+    assert manifest["spilled"] == [] and not manifest["has_tensors"]
+    assert not (Path(store._dir(pruned.key)) / "tensors.safetensors").exists()
+    assert store.get(pruned.key) == pruned.model_copy(update={"info": manifest["info"]})  # still a cache hit
+    assert [line["key"] for line in _log(store, "spilled")] == [pruned.key]
+
+    restored = T._model(spec, step1)  # reads the spilled prune: recomputed, checked, taken back
+    got = snapshot(restored, adapter=False)[0]
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    back = store.manifest(pruned.key)
+    assert back["has_tensors"] and back["sha256"] == pruned.sha256 and "spilled" not in back
+    assert _log(store, "computed")[-1] == {**_log(store, "computed")[-1], "key": pruned.key, "recomputed": True}
+
+    # weights that recompute to something else are refused
+    store.spill(pruned)
+    real = stages.prune
+
+    def off_by_one_weight(model, *a, **kw):
+        report = real(model, *a, **kw)
+        with torch.no_grad():
+            next(p for n, p in model.named_parameters() if "q_proj" in n).view(-1)[0] += 1.0
+        return report
+
+    monkeypatch.setattr(stages, "prune", off_by_one_weight)
+    with pytest.raises(CorruptArtifact, match="recomputed to other tensors"):
+        T._model(spec, step1)
+    assert store.get(pruned.key) is None
+
+
+def _log(store, what):
+    import json
+
+    return [json.loads(line) for line in (Path(store.root) / f"{what}.jsonl").read_text().splitlines()]
