@@ -80,7 +80,7 @@ def main() -> int:
         written = sum(wrote[k][1] for k in record.info["stages"] if k in wrote and wrote[k][0] in SNAPSHOTS)
         shape = model_shape(spec.model)
         formula, formula_peak = cell_disk(shape, spec.config), cell_peak(shape, spec.config, grid.retain != "all")
-        peak = _peak(events, set(record.info["stages"]))
+        peak = _peak(events, set(record.info["stages"]), until=store.manifest(record.key)["created"])
         worst = max(worst, abs(formula / written - 1))
         worst_peak = max(worst_peak, abs(formula_peak / peak - 1))
         lines.append(f"| {cell.describe()} | {formula / 2**20:.2f} | {written / 2**20:.2f} | {formula / written:.3f} "
@@ -109,11 +109,12 @@ def main() -> int:
     return 0
 
 
-def _peak(events, keys: set[str]) -> int:
-    """The most bytes the artifacts ``keys`` held at once, replaying the store's writes and spills in order."""
+def _peak(events, keys: set[str], until: float) -> int:
+    """The most bytes the artifacts ``keys`` held at once until the cell finished (``until``: its record's time;
+    retention's deletions after it are not logged), replaying the store's writes and spills in order."""
     held = peak = 0
-    for _, key, delta in events:
-        if key in keys:
+    for time, key, delta in events:
+        if key in keys and time <= until:
             held += delta
             peak = max(peak, held)
     return peak
