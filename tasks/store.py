@@ -236,7 +236,10 @@ class ArtifactStore:
         # the manifest first: a crash before the tensor file is gone leaves a spilled artifact with a stray file
         self._commit(ref.key, {**manifest, "has_tensors": False, "bytes": 0, "spilled": manifest["needs"],
                                "needs": manifest["redo"]["needs"]})
-        self.fs.rm(f"{self._dir(ref.key)}/tensors.safetensors")
+        try:
+            self.fs.rm(f"{self._dir(ref.key)}/tensors.safetensors")
+        except FileNotFoundError:  # spilled concurrently by another cell that shares it
+            return 0
         self._log("spilled", {"stage": ref.stage, "key": ref.key, "bytes": freed})
         return freed
 
