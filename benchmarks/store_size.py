@@ -12,7 +12,6 @@ when spilled (``spilled.jsonl``), so a cell's peak is replayed from them.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -56,8 +55,7 @@ def main() -> int:
     grid, store = load_grid(args.grid), ArtifactStore()
     computed = store.computed()
     wrote = {c["key"]: (c["stage"], c.get("bytes", 0)) for c in computed if not c.get("recomputed")}
-    spill_log = Path(store.root) / "spilled.jsonl"
-    spilled = [json.loads(line) for line in spill_log.read_text().splitlines()] if spill_log.exists() else []
+    spilled = store.spilled()
     # (time, key, bytes) of every write (recomputations of spilled artifacts too) and every spill (negative)
     events = sorted([(c["time"], c["key"], c.get("bytes", 0)) for c in computed if c["stage"] in SNAPSHOTS]
                     + [(x["time"], x["key"], -x["bytes"]) for x in spilled])

@@ -102,24 +102,17 @@ def cell_disk(shape: Shape, cfg: LosaConfig) -> int:
     stores its mask (P/8), SparseGPT's S(Θ^t); a fine-tuning step its adapter, A(r) = 4 r Σ(d_in + d_out); a merge
     and a plain-LoRA merge a recipe (~0); LoSA's final merge S(s). So LoSA: Σ_t [prune(Θ^t) + A(r_phys)] + S(s) over
     the cubic schedule's Θ^t; + LoRA: prune(s) + A(r_lora); pruned: prune(s)."""
-    from losa.pruners import get_rule
-    from losa.schedule import cubic_sparsity
-
     def prune(sparsity: float) -> float:
-        return shape.linear_params / 8 if get_rule(cfg.pruner).masks_only else sparse_bytes(shape, sparsity)
-
-    def adapter(rank: int) -> float:
-        return 4 * rank * shape.linear_io
+        return shape.linear_params / 8 if _masks_only(cfg) else sparse_bytes(shape, sparsity)
 
     if cfg.method == "dense":
         return 0
     if cfg.method == "pruned":
         return int(prune(cfg.sparsity))
     if cfg.method == "lora":
-        return int(prune(cfg.sparsity) + adapter(cfg.lora_rank))
-    steps = cfg.effective_steps
-    thetas = [cubic_sparsity(cfg.sparsity, t, steps) for t in range(1, steps + 1)]
-    return int(sum(prune(th) + adapter(cfg.physical_rank) for th in thetas) + sparse_bytes(shape, cfg.sparsity))
+        return int(prune(cfg.sparsity) + adapter_bytes(shape, cfg.lora_rank))
+    adapter = adapter_bytes(shape, cfg.physical_rank)
+    return int(sum(prune(th) + adapter for th in _thetas(cfg)) + sparse_bytes(shape, cfg.sparsity))
 
 
 def cell_peak(shape: Shape, cfg: LosaConfig, spill: bool = True) -> int:
@@ -127,14 +120,29 @@ def cell_peak(shape: Shape, cfg: LosaConfig, spill: bool = True) -> int:
     spills (``spill``: every ``retain`` but ``all``) holds one SparseGPT prune at a time, since each is spilled before
     the next full weights are written (tasks/stages.py). Then, with A = A(r_phys), the peak is the larger of
     max_t S(Θ^t) + t A (step t's weights and the adapters of steps 1..t) and S(s) + T A (the final)."""
+    if not spill or cfg.method != "losa" or _masks_only(cfg):
+        return cell_disk(shape, cfg)
+    adapter, thetas = adapter_bytes(shape, cfg.physical_rank), _thetas(cfg)
+    held = [sparse_bytes(shape, th) + t * adapter for t, th in enumerate(thetas, start=1)]
+    return int(max(*held, sparse_bytes(shape, cfg.sparsity) + len(thetas) * adapter))
+
+
+def adapter_bytes(shape: Shape, rank: int) -> float:
+    """A(r): a stored adapter's A/B in fp32, r (d_in + d_out) values per prunable linear."""
+    return 4 * rank * shape.linear_io
+
+
+def _masks_only(cfg: LosaConfig) -> bool:
     from losa.pruners import get_rule
+
+    return get_rule(cfg.pruner).masks_only
+
+
+def _thetas(cfg: LosaConfig) -> list[float]:
+    """Θ^1..Θ^T of the cubic schedule."""
     from losa.schedule import cubic_sparsity
 
-    if not spill or cfg.method != "losa" or get_rule(cfg.pruner).masks_only:
-        return cell_disk(shape, cfg)
-    steps, adapter = cfg.effective_steps, 4 * cfg.physical_rank * shape.linear_io
-    held = [sparse_bytes(shape, cubic_sparsity(cfg.sparsity, t, steps)) + t * adapter for t in range(1, steps + 1)]
-    return int(max(*held, sparse_bytes(shape, cfg.sparsity) + steps * adapter))
+    return [cubic_sparsity(cfg.sparsity, t, cfg.effective_steps) for t in range(1, cfg.effective_steps + 1)]
 
 
 def sparse_bytes(shape: Shape, sparsity: float) -> float:

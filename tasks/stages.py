@@ -213,9 +213,10 @@ def _model(cell: CellSpec, state: Ref | None = None):
 DERIVED = "derived"
 
 
-def _recipe(**parts) -> dict[str, str]:
+def _recipe(parts: dict) -> str:
+    """A recipe as JSON: the states it names by their Refs' identity, the rest as given."""
     refs = {k: v.model_dump(include={"stage", "key", "sha256"}) if isinstance(v, Ref) else v for k, v in parts.items()}
-    return {DERIVED: json.dumps(refs, sort_keys=True)}
+    return json.dumps(refs, sort_keys=True)
 
 
 def _ref(part: dict | None) -> Ref | None:
@@ -274,12 +275,15 @@ def _ids(ref: Ref | None):
 
 
 def _put(store: ArtifactStore, stage: str, key: str, clock, info: dict, tensors: dict, meta: dict,
-         recipe: dict | None = None, redo: dict | None = None) -> Ref:
+         recipe: dict | None = None, redo: dict | None = None, spill: Ref | None = None) -> Ref:
     """Store a state: its tensors (a snapshot, a mask, or none) and the recipe that rebuilds the rest from the
     states it names (whose keys the manifest lists as what reading it needs); ``redo``: the recipe that computes
-    the tensors again from the states it names, should they be spilled."""
-    return store.put(stage, key, info, tensors, {**meta, **_recipe(**recipe)} if recipe else meta, seconds=clock,
-                     needs=_needs(recipe), redo=None if redo is None else (_recipe(**redo)[DERIVED], _needs(redo)))
+    the tensors again from the states it names, should they be spilled. ``spill``: an earlier state spilled just
+    before these tensors are written."""
+    if spill is not None:
+        store.spill(spill)
+    return store.put(stage, key, info, tensors, {**meta, DERIVED: _recipe(recipe)} if recipe else meta, seconds=clock,
+                     needs=_needs(recipe), redo=None if redo is None else (_recipe(redo), _needs(redo)))
 
 
 def _needs(recipe: dict | None) -> list[str]:
@@ -342,10 +346,8 @@ def prune(cell: CellSpec, state: Ref, calib: Ref, reference: Ref | None, rates: 
     report = stages.prune(model, ids, cell.config, rates, patterns, outputs, progress=False)
     if get_rule(cell.config.pruner).masks_only:  # the pruned state is the input state where kept: store the mask
         return _put(_store, "prune", _key, clock, report.to_dict(), snapshot.kept(model), {}, recipe={"base": state})
-    if spill is not None:
-        _store.spill(spill)
     return _put(_store, "prune", _key, clock, report.to_dict(), *snapshot.snapshot(model, adapter=False),
-                redo={"base": state, "calib": calib, "rates": list(rates), "patterns": list(patterns)})
+                redo={"base": state, "calib": calib, "rates": list(rates), "patterns": list(patterns)}, spill=spill)
 
 
 @stage_task("finetune")
@@ -395,9 +397,8 @@ def finalize(cell: CellSpec, state: Ref, patterns: list[str], spill: Ref | None 
     if plain:
         return _put(_store, "finalize", _key, clock, stages.info(result), {}, {},
                     recipe={"base": state, "patterns": list(patterns)})
-    if spill is not None:
-        _store.spill(spill)
-    return _put(_store, "finalize", _key, clock, stages.info(result), *snapshot.snapshot(model, adapter=False))
+    return _put(_store, "finalize", _key, clock, stages.info(result), *snapshot.snapshot(model, adapter=False),
+                spill=spill)
 
 
 @stage_task("perplexity")

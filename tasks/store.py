@@ -287,7 +287,14 @@ class ArtifactStore:
 
     def computed(self) -> list[dict]:
         """Every stage computation logged in this store (one line per artifact written)."""
-        path = f"{self.root}/computed.jsonl"
+        return self._read_log("computed")
+
+    def spilled(self) -> list[dict]:
+        """Every spill logged in this store (one line per :meth:`spill` that freed bytes)."""
+        return self._read_log("spilled")
+
+    def _read_log(self, what: str) -> list[dict]:
+        path = f"{self.root}/{what}.jsonl"
         if not self.fs.exists(path):
             return []
         with self.fs.open(path, "rb") as f:

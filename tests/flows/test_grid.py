@@ -628,13 +628,12 @@ def test_a_sparsegpt_losa_cell_holds_one_steps_weights_at_a_time(losa_env, tmp_p
     from losa.dsa import run_losa
     from losa.models import load_model
     from losa.snapshot import snapshot
-    import tasks.stages
     from tasks.store import ArtifactStore
 
     monkeypatch.setenv("LOSA_HOME", str(tmp_path / "state"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{(tmp_path / 'state').resolve() / 'mlflow.db'}")
     path = write_grid(tmp_path / "grids", ["losa"], dense=False, name="spill", pruner="sparsegpt", retain="shared")
-    real, puts = tasks.stages._put, []
+    real, puts = ArtifactStore.put, []
 
     def crash_after_the_first_spill(store, stage, *args, **kwargs):
         puts.append(stage)
@@ -643,17 +642,17 @@ def test_a_sparsegpt_losa_cell_holds_one_steps_weights_at_a_time(losa_env, tmp_p
         return real(store, stage, *args, **kwargs)
 
     with monkeypatch.context() as m:
-        m.setattr(tasks.stages, "_put", crash_after_the_first_spill)
+        m.setattr(ArtifactStore, "put", crash_after_the_first_spill)
         assert losa_grid(str(path), return_state=True).is_failed()
     store = ArtifactStore()
-    spilled = [json.loads(line) for line in (Path(store.root) / "spilled.jsonl").read_text().splitlines()]
+    spilled = store.spilled()
     assert [s["stage"] for s in spilled] == ["prune"]
     assert losa_grid(str(path), return_state=True).is_completed()
 
     computed = store.computed()
     recomputed = [c for c in computed if c.get("recomputed")]
     assert [c["key"] for c in recomputed] == [spilled[0]["key"]]  # step 1's weights, once
-    spilled = [json.loads(line) for line in (Path(store.root) / "spilled.jsonl").read_text().splitlines()]
+    spilled = store.spilled()
     assert len(spilled) == 3  # step 1 twice (before and after the crash), then step 2 before the final is written
     # the store's bytes over the cell, replayed: writes add, spills take away
     snapshots = ("prune", "finetune", "lora", "merge", "finalize")

@@ -310,14 +310,14 @@ def test_a_spilled_sparsegpt_prune_is_recomputed_and_checked(tmp_path, monkeypat
     assert manifest["spilled"] == [] and not manifest["has_tensors"]
     assert not (Path(store._dir(pruned.key)) / "tensors.safetensors").exists()
     assert store.get(pruned.key) == pruned.model_copy(update={"info": manifest["info"]})  # still a cache hit
-    assert [line["key"] for line in _log(store, "spilled")] == [pruned.key]
+    assert [line["key"] for line in store.spilled()] == [pruned.key]
 
     restored = T._model(spec, step1)  # reads the spilled prune: recomputed, checked, taken back
     got = snapshot(restored, adapter=False)[0]
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     back = store.manifest(pruned.key)
     assert back["has_tensors"] and back["sha256"] == pruned.sha256 and "spilled" not in back
-    assert _log(store, "computed")[-1] == {**_log(store, "computed")[-1], "key": pruned.key, "recomputed": True}
+    assert store.computed()[-1] == {**store.computed()[-1], "key": pruned.key, "recomputed": True}
 
     # weights that recompute to something else are refused
     store.spill(pruned)
@@ -333,9 +333,3 @@ def test_a_spilled_sparsegpt_prune_is_recomputed_and_checked(tmp_path, monkeypat
     with pytest.raises(CorruptArtifact, match="recomputed to other tensors"):
         T._model(spec, step1)
     assert store.get(pruned.key) is None
-
-
-def _log(store, what):
-    import json
-
-    return [json.loads(line) for line in (Path(store.root) / f"{what}.jsonl").read_text().splitlines()]
